@@ -1,0 +1,1 @@
+"""Anomaly detectors behind one protocol (see base.py)."""

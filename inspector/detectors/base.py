@@ -1,0 +1,117 @@
+"""The detector protocol and the result every detector returns.
+
+One detector = one file implementing :class:`Detector`:
+
+* ``fit(images)``: learn from normal images (no-op for zero-shot detectors). ``images`` is a
+  preprocessed ``Tensor[B,3,H,W]`` made by ``backbone.preprocess``.
+* ``score(images) -> AnomalyResult`` with ``maps: Tensor[B,H,W]`` at the input tensor's
+  resolution and ``scores: Tensor[B]`` (higher = more anomalous). Batch-wise detectors (MuSc)
+  score the batch against itself; that is part of their contract and documented there.
+* ``state() -> (tensors, config)`` and ``from_state(backbone, tensors, config)`` for saving as
+  safetensors + JSON (see :mod:`inspector.state`); never pickle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from ..backbone import PatchBackbone
+
+
+@dataclass
+class AnomalyResult:
+    """Pixel anomaly maps ``[B,H,W]`` and image scores ``[B]`` (float32, CPU)."""
+
+    maps: Tensor
+    scores: Tensor
+
+    def __post_init__(self):
+        if self.maps.ndim != 3 or self.scores.ndim != 1 or self.maps.shape[0] != self.scores.shape[0]:
+            raise ValueError(f"bad AnomalyResult shapes: maps {tuple(self.maps.shape)}, scores {tuple(self.scores.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def cpu(self) -> AnomalyResult:
+        return AnomalyResult(self.maps.detach().float().cpu(), self.scores.detach().float().cpu())
+
+    @staticmethod
+    def cat(results: list[AnomalyResult]) -> AnomalyResult:
+        return AnomalyResult(torch.cat([r.maps for r in results]), torch.cat([r.scores for r in results]))
+
+
+@runtime_checkable
+class Detector(Protocol):
+    name: ClassVar[str]
+    backbone: PatchBackbone
+    #: True when ``score`` needs the whole batch (mutual scoring); False when images are independent.
+    batchwise: ClassVar[bool]
+    #: True when ``fit`` needs normal images.
+    needs_fit: ClassVar[bool]
+
+    def fit(self, images: Tensor) -> Detector: ...
+
+    def score(self, images: Tensor) -> AnomalyResult: ...
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]: ...
+
+
+def gaussian_kernel1d(sigma: float, device=None) -> Tensor:
+    radius = max(1, int(math.ceil(4.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of ``[B,H,W]`` maps with reflect padding (PatchCore uses sigma=4)."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma, maps.device).to(maps.dtype)
+    r = k.numel() // 2
+    x = maps[:, None]
+    pad_w = min(r, x.shape[-1] - 1)
+    pad_h = min(r, x.shape[-2] - 1)
+    if pad_w < r or pad_h < r:  # tiny maps: fall back to replicate-safe padding size
+        x = F.pad(x, (r, r, r, r), mode="replicate")
+    else:
+        x = F.pad(x, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def patch_to_pixel(patch_scores: Tensor, size: tuple[int, int], sigma: float = 4.0) -> Tensor:
+    """``[B,h,w]`` patch scores -> ``[B,H,W]`` pixel map: bilinear upsampling then Gaussian smoothing."""
+    up = F.interpolate(patch_scores[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(up, sigma)
+
+
+def top_mean(maps: Tensor, fraction: float = 0.01) -> Tensor:
+    """Image score as the mean of the top ``fraction`` of map values (robust max)."""
+    flat = maps.flatten(1)
+    k = max(1, int(round(flat.shape[1] * fraction)))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+DETECTORS: dict[str, str] = {
+    "musc": "inspector.detectors.musc:MuSc",
+    "graphcore": "inspector.detectors.graphcore:GraphCore",
+    "patchcore": "inspector.detectors.graphcore:PatchCoreKNN",
+    "anomalyclip": "inspector.detectors.anomalyclip:AnomalyCLIP",
+}
+
+
+def detector_class(name: str):
+    import importlib
+
+    if name not in DETECTORS:
+        raise KeyError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+    module, cls = DETECTORS[name].split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,57 @@
+"""Saved state: safetensors for tensors + a JSON sidecar for config. Never pickle.
+
+Writes are atomic (write to a temporary name, fsync, rename) so a crash never leaves a
+half-written product on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def save_state(path: str | os.PathLike, tensors: dict[str, Tensor], config: dict[str, Any]) -> Path:
+    """Write ``<path>.safetensors`` and ``<path>.json`` atomically; returns the stem path."""
+    from safetensors.torch import save
+
+    stem = Path(path)
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(stem.with_suffix(".safetensors"), save(clean, metadata={"format": "pt"}))
+    atomic_write_json(stem.with_suffix(".json"), config)
+    return stem
+
+
+def load_state(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    stem = Path(path)
+    tensors = load_file(str(stem.with_suffix(".safetensors")), device=device)
+    config = json.loads(stem.with_suffix(".json").read_text())
+    return tensors, config
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "load_state", "save_state", "save_file"]

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install the project with its pinned dependencies.
+#
+# Why the pip environment is scrubbed: some build machines carry a pip config that adds a local
+# CPU-only torch wheel to every resolve; beside it PyPI's torchvision fails to import
+# ("operator torchvision::nms does not exist"). We install the matching PyPI pair explicitly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PIPENV=(env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1)
+stamp="$VENV/.installed"
+want=$(cat pyproject.toml requirements-lock.txt 2>/dev/null | sha256sum | cut -c1-16)
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then exit 0; fi
+[[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
+PIP=("${PIPENV[@]}" "$VENV/bin/python" -m pip)
+"${PIP[@]}" install -q --upgrade pip wheel setuptools
+"${PIP[@]}" install -q torch==2.13.0 torchvision==0.28.0
+lock=()
+[[ -f requirements-lock.txt ]] && lock=(-c requirements-lock.txt)
+"${PIP[@]}" install -q "${lock[@]}" -e ".[dev]"
+"$VENV/bin/python" -c "import torch, torchvision, open_clip, anomalib, torch_geometric, cv2; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'ok')"
+echo "$want" > "$stamp"

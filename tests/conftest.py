@@ -1,0 +1,56 @@
+"""Shared test set-up: offline, deterministic, small. Fixtures here are used across issues;
+feature-specific fixtures live in their own test files."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    """The real offline backbone (EfficientNet-Lite0 ImageNet weights) on CPU at 128 px."""
+    from inspector.backbone import load_backbone
+
+    return load_backbone("efficientnet-lite0", device="cpu", image_size=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn():
+    from inspector.backbone import load_backbone
+
+    return load_backbone("tiny-cnn", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def brick() -> np.ndarray:
+    """scikit-image's brick texture as RGB uint8 (512x512)."""
+    from skimage import data
+
+    g = data.brick()
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
