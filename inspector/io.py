@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 import cv2
 import numpy as np
@@ -26,7 +25,7 @@ MAX_BYTES = int(os.environ.get("INSPECTOR_MAX_BYTES", 200 * 1024 * 1024))
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
 
 
 class ImageError(ValueError):
@@ -95,7 +94,7 @@ def _check_header_size(data: np.ndarray, label: str, limit: int) -> None:
     """Refuse decompression bombs from the header, before allocating the decoded image."""
     head = data[:32].tobytes()
     w = h = None
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
         w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     if w is not None and h is not None and w * h > limit:
         raise ImageError(label, f"image too large ({w}x{h} = {w * h} pixels > limit {limit})")

@@ -12,14 +12,21 @@ falls back to random weights. Random weights exist only in the tiny test configs
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, MissingWeightsError, PatchBackbone, Preprocess
+from .base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MissingWeightsError,
+    PatchBackbone,
+    Preprocess,
+)
 
 
 def _tokens_to_grid(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -202,10 +209,3 @@ def tiny_dinov2(image_size: int = 56, seed: int = 0) -> Dinov2Backbone:
         init_values=1e-5, reg_tokens=0, dynamic_img_size=True,
     )
     return Dinov2Backbone(model, name="dinov2/tiny", image_size=image_size, is_random=True)
-
-
-def grid_side(n_tokens: int) -> int:
-    side = int(math.isqrt(n_tokens))
-    if side * side != n_tokens:
-        raise ValueError(f"{n_tokens} tokens do not form a square grid")
-    return side
