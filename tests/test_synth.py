@@ -1,0 +1,142 @@
+"""Synthetic defects: exact masks, determinism, MVTec writer accepted by anomalib, diffusion training."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from inspector.synth import KINDS, generate_defects, make_defect
+from inspector.synth.masks import perlin_mask, perlin_noise, scar_mask
+from inspector.synth.mvtec import folder_kwargs, read_mvtec, write_mvtec
+
+
+def _check_pair(src: np.ndarray, out: np.ndarray, mask: np.ndarray) -> None:
+    assert out.shape == src.shape and out.dtype == np.uint8
+    assert mask.shape == src.shape[:2] and mask.dtype == np.uint8
+    assert set(np.unique(mask).tolist()) <= {0, 1}
+    assert mask.any(), "mask is empty"
+    changed = (out != src).any(axis=2)
+    np.testing.assert_array_equal(changed, mask.astype(bool))
+
+
+@pytest.fixture(scope="module")
+def images(brick) -> list[np.ndarray]:
+    from skimage import data
+
+    small = cv2.resize(brick, (128, 128), interpolation=cv2.INTER_AREA)
+    coffee = cv2.resize(data.coffee(), (160, 96), interpolation=cv2.INTER_AREA)
+    flat = np.full((64, 64, 3), 255, np.uint8)          # saturated white: pushes must go down
+    black = np.zeros((48, 80, 3), np.uint8)
+    return [small, coffee, flat, black]
+
+
+@pytest.mark.parametrize("kind", ("any",) + KINDS)
+def test_fallback_masks_are_exact(images, kind):
+    for i, img in enumerate(images):
+        for seed in range(5):
+            out, mask = make_defect(img, np.random.default_rng([seed, i]), kind)
+            _check_pair(img, out, mask)
+            frac = mask.mean()
+            assert 0.001 < frac < 0.2, (kind, i, seed, frac)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fallback_is_deterministic(images, kind):
+    a = make_defect(images[0], np.random.default_rng(7), kind)
+    b = make_defect(images[0], np.random.default_rng(7), kind)
+    c = make_defect(images[0], np.random.default_rng(8), kind)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_fallback_area_and_visibility(images):
+    areas, changes = [], []
+    for seed in range(30):
+        out, mask = make_defect(images[0], np.random.default_rng(seed))
+        areas.append(mask.mean())
+        changes.append(np.abs(out.astype(int) - images[0])[mask.astype(bool)].mean())
+    assert 0.003 < np.median(areas) < 0.1
+    assert max(areas) < 0.15
+    assert np.median(changes) > 12
+
+
+def test_gray_image_gets_gray_defects(images):
+    for seed in range(6):
+        out, _ = make_defect(images[0], np.random.default_rng(seed))
+        assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+
+
+def test_fallback_rejects_bad_input():
+    with pytest.raises(ValueError):
+        make_defect(np.zeros((32, 32, 3), np.float32), np.random.default_rng(0))
+    with pytest.raises(ValueError):
+        make_defect(np.zeros((4, 4, 3), np.uint8), np.random.default_rng(0))
+    with pytest.raises(ValueError):
+        make_defect(np.zeros((32, 32, 3), np.uint8), np.random.default_rng(0), kind="nope")
+
+
+def test_mask_samplers():
+    rng = np.random.default_rng(0)
+    n = perlin_noise((50, 70), (4, 3), rng)
+    assert n.shape == (50, 70) and np.isfinite(n).all() and n.std() > 0.05
+    for _ in range(10):
+        m = perlin_mask((64, 96), rng, (0.02, 0.05))
+        assert m.dtype == bool and 0.01 <= m.mean() <= 0.08
+        s = scar_mask((64, 96), rng)
+        assert s.any() and s.mean() < 0.15
+    within = np.zeros((64, 64), bool)
+    within[10:30, 20:50] = True
+    m = perlin_mask((64, 64), rng, (0.05, 0.1), within=within)
+    assert m.any() and not (m & ~within).any()
+
+
+def test_generate_defects_api(images):
+    pairs = generate_defects(images[:2], 6, rng=3)
+    assert len(pairs) == 6
+    again = generate_defects(images[:2], 6, rng=np.random.default_rng(3))
+    for (a, ma), (b, mb) in zip(pairs, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ma, mb)
+    scars = generate_defects(images[:1], 2, rng=0, generator="scar")
+    for out, mask in scars:
+        _check_pair(images[0], out, mask)
+    with pytest.raises(ValueError):
+        generate_defects([], 1)
+
+
+def test_mvtec_writer_round_trip_and_anomalib(tmp_path, images):
+    import torch
+    from anomalib.data import Folder
+
+    rng = np.random.default_rng(0)
+    img = images[0]
+    defects = {
+        "stain": [make_defect(img, rng, "perlin") for _ in range(3)],
+        "scratch": [make_defect(img, rng, "scar") for _ in range(3)],
+    }
+    root = write_mvtec(tmp_path / "prod", [img] * 4, [img] * 3, defects)
+    info = read_mvtec(root)
+    assert len(info.train_good) == 4 and len(info.test_good) == 3
+    assert info.defect_types == ["scratch", "stain"] == info.masked_types
+    m = cv2.imread(str(root / "ground_truth" / "stain" / "000_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert m.ndim == 2 and set(np.unique(m).tolist()) <= {0, 255}
+    np.testing.assert_array_equal(m > 0, defects["stain"][0][1].astype(bool))
+    back = cv2.cvtColor(cv2.imread(str(root / "test" / "stain" / "000.png")), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(back, defects["stain"][0][0])
+
+    dm = Folder(**folder_kwargs(root), train_batch_size=2, eval_batch_size=4, num_workers=0,
+                val_split_mode="none")
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.image.shape[0] == 2 and batch.image.shape[1] == 3
+    labels, masks = [], []
+    for b in dm.test_dataloader():
+        labels.append(b.gt_label)
+        masks.append(b.gt_mask)
+    labels = torch.cat(labels)
+    assert int(labels.sum()) == 6 and len(labels) == 9
+    masks = torch.cat(masks)
+    assert masks[labels.bool()].flatten(1).any(1).all()
+    assert not masks[~labels.bool()].any()
