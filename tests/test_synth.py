@@ -140,3 +140,128 @@ def test_mvtec_writer_round_trip_and_anomalib(tmp_path, images):
     masks = torch.cat(masks)
     assert masks[labels.bool()].flatten(1).any(1).all()
     assert not masks[~labels.bool()].any()
+
+
+# ----------------------------------------------------------------------------- diffusion (tiny)
+
+@pytest.fixture(scope="module")
+def tiny_gen(images):
+    """A tiny two-stage generator trained for a few seconds on fallback defects of brick."""
+    import torch
+
+    from inspector.synth.diffusion import DefectGen, DefectGenConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contention on CI)
+    rng = np.random.default_rng(0)
+    pairs = [make_defect(images[0], rng, "perlin") for _ in range(4)]
+    ims, ms = [p[0] for p in pairs], [p[1] for p in pairs]
+    gen = DefectGen(DefectGenConfig.tiny(train_steps=20), device="cpu")
+    before = gen.eval_loss(ims, ms)
+    gen.fit(ims, ms, progress=False)
+    after = gen.eval_loss(ims, ms)
+    yield gen, before, after
+    torch.set_num_threads(threads)
+
+
+def test_diffusion_training_lowers_loss(tiny_gen):
+    gen, before, after = tiny_gen
+    assert set(gen.history) == {"large", "small"} and len(gen.history["large"]) == 20
+    for name in ("large", "small"):
+        assert after[name] < before[name], (name, before, after)
+
+
+def test_diffusion_two_stage_receptive_fields():
+    import torch
+
+    from inspector.synth.diffusion import DefectGen, DefectGenConfig, receptive_field
+
+    torch.manual_seed(0)
+    gen = DefectGen(DefectGenConfig(), device="cpu")
+    rf_large, rf_small = receptive_field(gen.large, 96), receptive_field(gen.small, 96)
+    assert rf_large >= 90 > 2 * rf_small, (rf_large, rf_small)
+    lo, hi = gen._t_range(True)
+    assert hi == 1000 and lo < gen.config.switch_t
+    lo, hi = gen._t_range(False)
+    assert lo == 0 and hi > gen.config.switch_t
+    assert gen._model_at(999, 400) is gen.large and gen._model_at(399, 400) is gen.small
+
+
+def test_diffusion_masks_exact_and_deterministic(tiny_gen, images):
+    gen, _, _ = tiny_gen
+    normals = [images[0], images[1]]
+    a = gen.make_defects(normals, np.random.default_rng(5))
+    b = gen.make_defects(normals, np.random.default_rng(5))
+    for (oa, ma), (ob, mb), src in zip(a, b, normals):
+        _check_pair(src, oa, ma)
+        np.testing.assert_array_equal(oa, ob)
+        np.testing.assert_array_equal(ma, mb)
+    one = gen.make_defect(images[0], np.random.default_rng(1))
+    _check_pair(images[0], *one)
+    total = gen.stats["diffusion"] + gen.stats["fallback"]
+    assert total == 5
+
+
+def test_diffusion_falls_back_when_mask_empty(tiny_gen, images):
+    gen, _, _ = tiny_gen
+    old = gen.config.min_pixels, gen.config.retries
+    gen.config.min_pixels, gen.config.retries = 10**9, 0   # nothing is ever big enough
+    try:
+        before = gen.stats["fallback"]
+        out, mask = gen.make_defect(images[0], np.random.default_rng(0))
+        _check_pair(images[0], out, mask)
+        assert gen.stats["fallback"] == before + 1
+    finally:
+        gen.config.min_pixels, gen.config.retries = old
+
+
+def test_diffusion_save_load_round_trip(tiny_gen, images, tmp_path):
+    from inspector.synth.diffusion import DefectGen
+
+    gen, _, _ = tiny_gen
+    path = gen.save(tmp_path / "model")
+    assert (path / "large" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (path / "small" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = DefectGen.load(path, device="cpu")
+    assert loaded.config == gen.config
+    a = gen.make_defects([images[0]], np.random.default_rng(9))[0]
+    b = loaded.make_defects([images[0]], np.random.default_rng(9))[0]
+    np.testing.assert_array_equal(a[0], b[0])
+    pairs = generate_defects([images[0]], 2, rng=0, generator=str(path))
+    for out, mask in pairs:
+        _check_pair(images[0], out, mask)
+
+
+def test_unconditional_sample_shape(tiny_gen):
+    gen, _, _ = tiny_gen
+    x = gen.sample(n=2, seed=0)
+    assert tuple(x.shape) == (2, 4, 32, 32) and float(x.abs().max()) <= 1.0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_generate_and_train(tmp_path, images):
+    from inspector.cli import main
+
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(normal / f"n{i}.png"), images[0][..., ::-1])
+    out = tmp_path / "gen"
+    assert main(["synth", "generate", "--normal", str(normal), "--n", "5", "--out", str(out),
+                 "--fallback", "--seed", "3", "--type", "stain"]) == 0
+    info = read_mvtec(out)
+    assert len(info.defects["stain"]) == 5 and info.masked_types == ["stain"]
+    assert len(info.train_good) == 3 and len(info.test_good) == 1
+    assert main(["synth", "generate", "--normal", str(normal), "--n", "2", "--out", str(out)]) == 2  # exists
+
+    write_mvtec(tmp_path / "defects", [], [], {"stain": [make_defect(images[0], np.random.default_rng(i))
+                                                         for i in range(3)]})
+    model = tmp_path / "model"
+    assert main(["synth", "train", "--defects", str(tmp_path / "defects"), "--out", str(model),
+                 "--tiny", "--steps", "3"]) == 0
+    assert (model / "defectgen.json").is_file()
+    out2 = tmp_path / "gen2"
+    assert main(["synth", "generate", "--normal", str(normal), "--n", "2", "--out", str(out2),
+                 "--model", str(model)]) == 0
+    assert len(read_mvtec(out2).defects["synthetic"]) == 2

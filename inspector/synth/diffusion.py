@@ -1,0 +1,564 @@
+"""Defect-Gen style diffusion generator (after Defect Spectrum, Yang et al., ECCV 2024).
+
+What it keeps from Defect-Gen:
+
+* **Image and mask generated jointly**: every training sample is 4 channels, RGB in [-1, 1] and
+  the defect mask in {-1, +1}; the network denoises all four together, so each generated defect
+  comes with its own mask.
+* **Two models, split over the timesteps**: a *large-receptive-field* UNet (several down-sampling
+  levels and mid-block attention: it sees the whole patch) handles the early, high-noise steps
+  ``t >= switch_t`` where the global shape/layout of the defect is decided; a
+  *small-receptive-field* UNet (one down-sampling level, no attention: ~patch-level statistics,
+  as in SinDiffusion on which Defect-Gen builds) handles the late steps ``t < switch_t`` and
+  paints the texture. ``switch_t`` is configurable at training and at sampling time. Each model
+  is trained on its own timestep range (with some overlap), which halves the work of each.
+* **Few images suffice**: training is patch-level -- random ``patch`` x ``patch`` crops centred
+  (with jitter) on defect pixels, with flips and 90-degree rotations -- so five annotated defect
+  images give thousands of distinct samples.
+
+What is added for an inspection product:
+
+* **Inpainting into normal images** (RePaint-style, with optional resampling): a crop of a
+  normal image (and an all-"no defect" mask channel) is the known region; only a sampled region
+  inside the crop is generated, so the defect lands on a real part. At every step the known
+  region is replaced by the forward-noised normal crop.
+* **Exact masks**: the final mask is the generated mask channel thresholded at 0, restricted to
+  the generated region, cleaned of specks; the output is the normal image outside the mask and
+  the generated pixels inside, with a minimum change enforced, so ``mask == changed pixels``.
+  An empty mask is retried with new noise, then falls back to the weight-free generator (the
+  ``stats`` attribute counts both).
+
+Seeded and reproducible (numpy ``Generator`` in, torch generators derived from it); tqdm bars
+for training and sampling; CUDA when present (bf16 autocast), CPU otherwise. Saved with
+``save_pretrained`` (safetensors) for each UNet plus ``defectgen.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from .fallback import enforce_change
+from .fallback import make_defect as fallback_defect
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "defectgen.json"
+
+
+@dataclass
+class DefectGenConfig:
+    """Everything needed to rebuild, train and sample a :class:`DefectGen`."""
+
+    patch: int = 64                       #: training / generation patch side (pixels)
+    image_size: int | None = 256          #: defect images are resized to this short side (None: as-is)
+    large_channels: tuple[int, ...] = (16, 32, 32, 64)    #: 3 down-samplings + mid attention
+    small_channels: tuple[int, ...] = (16, 32)            #: 1 down-sampling, no attention
+    layers_per_block: int = 1
+    norm_groups: int = 8
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"   #: cosine, as Defect-Gen
+    prediction_type: str = "epsilon"          #: or "sample" (x0, as Defect-Gen)
+    switch_t: int = 400                   #: large model for t >= switch_t, small model below
+    overlap: float = 0.25                 #: each model also trains this fraction past the switch
+    train_steps: int = 800                #: optimisation steps per model
+    batch_size: int = 8
+    lr: float = 3e-4
+    defect_crop_prob: float = 0.9         #: crops centred on defect pixels vs anywhere
+    mask_weight: float = 2.0              #: loss weight of the mask channel
+    sample_steps: int = 40                #: DDIM steps at generation
+    resample: int = 2                     #: RePaint resampling per step (1 = none)
+    region: tuple[float, float] = (0.28, 0.45)  #: generated-region ellipse radii, fraction of patch
+    min_pixels: int = 12                  #: smallest accepted defect (pixels of the patch)
+    retries: int = 3                      #: new noise before falling back
+    gray: bool = False                    #: training images were gray -> gray output
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DefectGenConfig:
+        names = {f.name: f for f in fields(cls)}
+        kw = {}
+        for k, v in d.items():
+            if k in names:
+                kw[k] = tuple(v) if isinstance(v, list) else v
+        return cls(**kw)
+
+    @classmethod
+    def for_device(cls, device: str | torch.device | None = None, **kw) -> DefectGenConfig:
+        """CPU: the defaults (minutes). CUDA: wider UNets, bigger batches, longer training."""
+        dev = torch.device(device or default_device())
+        base: dict = {}
+        if dev.type == "cuda":
+            base = dict(large_channels=(64, 128, 192, 256), small_channels=(64, 128), norm_groups=16,
+                        batch_size=32, train_steps=4000, lr=2e-4, sample_steps=50)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def tiny(cls, **kw) -> DefectGenConfig:
+        """Seconds on a CPU: for tests."""
+        base = dict(patch=32, image_size=None, large_channels=(8, 16, 16), small_channels=(8, 16),
+                    norm_groups=4, train_steps=30, batch_size=8, sample_steps=8, resample=1,
+                    min_pixels=2, lr=1e-3)
+        base.update(kw)
+        return cls(**base)
+
+
+def _unet(cfg: DefectGenConfig, large: bool):
+    from diffusers import UNet2DModel
+
+    ch = tuple(cfg.large_channels if large else cfg.small_channels)
+    n = len(ch)
+    return UNet2DModel(
+        sample_size=cfg.patch, in_channels=4, out_channels=4, block_out_channels=ch,
+        down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
+        layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_groups,
+        add_attention=large, attention_head_dim=max(8, ch[-1] // 4),
+        num_train_timesteps=cfg.num_train_timesteps,
+    )
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------------------- data
+
+def _to_rgb(img: np.ndarray) -> np.ndarray:
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return a[..., :3].astype(np.uint8)
+
+
+def _resize_pair(img: np.ndarray, mask: np.ndarray, short: int | None, patch: int):
+    h, w = img.shape[:2]
+    target = short if short else min(h, w)
+    target = max(target, patch)
+    if min(h, w) != target:
+        s = target / min(h, w)
+        size = (max(patch, round(w * s)), max(patch, round(h * s)))
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+        mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    return img, mask > 0
+
+
+def load_defect_pairs(defects: str | os.PathLike, masks: str | os.PathLike | None = None):
+    """``[(rgb, mask bool)]`` from an MVTec-layout folder (all masked ``test/<type>``), or a
+    folder of images with masks in ``masks`` named ``<stem>_mask.png`` / ``<stem>.png``."""
+    from ..io import is_image_file, read_image
+    from .mvtec import read_mvtec
+
+    root = Path(defects)
+    pairs: list[tuple[Path, Path]] = []
+    if masks is None and (root / "test").is_dir():
+        info = read_mvtec(root)
+        for t in info.masked_types:
+            pairs += list(zip(info.defects[t], info.masks[t]))
+        if not pairs:
+            raise FileNotFoundError(f"{root}: no defect type with ground_truth masks")
+    else:
+        if masks is None:
+            raise FileNotFoundError(f"{root}: not an MVTec-layout folder; pass --masks DIR")
+        mdir = Path(masks)
+        for p in sorted(q for q in root.iterdir() if q.is_file() and is_image_file(q)):
+            cands = [mdir / f"{p.stem}_mask.png", mdir / f"{p.stem}.png", mdir / f"{p.stem}_mask{p.suffix}",
+                     mdir / p.name]
+            m = next((c for c in cands if c.is_file()), None)
+            if m is None:
+                raise FileNotFoundError(f"no mask for {p.name} in {mdir}")
+            pairs.append((p, m))
+    out = []
+    for ip, mp in pairs:
+        img = read_image(ip)
+        m = read_image(mp)[..., 0] > 127
+        if m.shape != img.shape[:2]:
+            m = cv2.resize(m.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+        if m.any():
+            out.append((img, m))
+    if not out:
+        raise FileNotFoundError(f"{root}: no defect image with a non-empty mask")
+    return out
+
+
+class _PatchSampler:
+    """Random 4-channel crops (RGB [-1,1] + mask {-1,1}), centred on defects with jitter."""
+
+    def __init__(self, images, masks, cfg: DefectGenConfig, device):
+        self.cfg, self.device = cfg, device
+        self.data, self.coords = [], []
+        for img, m in zip(images, masks):
+            img, m = _resize_pair(_to_rgb(img), np.asarray(m), cfg.image_size, cfg.patch)
+            t = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1
+            mm = torch.from_numpy(m.astype(np.float32))[None] * 2 - 1
+            self.data.append(torch.cat([t, mm]).to(device))
+            self.coords.append(np.argwhere(m))
+
+    def __call__(self, n: int, rng: np.random.Generator) -> torch.Tensor:
+        p = self.cfg.patch
+        out = []
+        for _ in range(n):
+            i = int(rng.integers(len(self.data)))
+            x = self.data[i]
+            h, w = x.shape[1:]
+            c = self.coords[i]
+            if len(c) and rng.random() < self.cfg.defect_crop_prob:
+                cy, cx = c[int(rng.integers(len(c)))]
+                cy += int(rng.integers(-p // 4, p // 4 + 1))
+                cx += int(rng.integers(-p // 4, p // 4 + 1))
+                y0 = int(np.clip(cy - p // 2, 0, h - p))
+                x0 = int(np.clip(cx - p // 2, 0, w - p))
+            else:
+                y0, x0 = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
+            crop = x[:, y0:y0 + p, x0:x0 + p]
+            k = int(rng.integers(4))
+            if k:
+                crop = torch.rot90(crop, k, dims=(1, 2))
+            if rng.random() < 0.5:
+                crop = torch.flip(crop, dims=(2,))
+            out.append(crop)
+        return torch.stack(out)
+
+
+# --------------------------------------------------------------------------------------- model
+
+class DefectGen:
+    """Two-stage joint image+mask diffusion defect generator. See the module docstring."""
+
+    def __init__(self, config: DefectGenConfig | None = None, large=None, small=None,
+                 device: str | torch.device | None = None):
+        self.config = config or DefectGenConfig()
+        self.device = torch.device(device or default_device())
+        torch.manual_seed(self.config.seed)
+        self.large = (large or _unet(self.config, True)).to(self.device).eval()
+        self.small = (small or _unet(self.config, False)).to(self.device).eval()
+        self.history: dict[str, list[float]] = {}
+        self.stats = {"diffusion": 0, "fallback": 0, "retries": 0}
+
+    # ---- schedules
+    def _train_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        c = self.config
+        return DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
+                             prediction_type=c.prediction_type)
+
+    def _sample_scheduler(self):
+        from diffusers import DDIMScheduler
+
+        c = self.config
+        return DDIMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
+                             prediction_type=c.prediction_type, clip_sample=True)
+
+    def _t_range(self, large: bool) -> tuple[int, int]:
+        c = self.config
+        T, s = c.num_train_timesteps, c.switch_t
+        if large:
+            return max(0, int(s - c.overlap * s)), T
+        return 0, min(T, int(s + c.overlap * (T - s)) + 1)
+
+    @property
+    def parameters_count(self) -> dict[str, int]:
+        return {n: sum(p.numel() for p in m.parameters()) for n, m in (("large", self.large), ("small", self.small))}
+
+    # ---- training
+    def _loss(self, model, sched, x0, t, noise):
+        xt = sched.add_noise(x0, noise, t)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+        with autocast:
+            pred = model(xt, t).sample
+        target = noise if self.config.prediction_type == "epsilon" else x0
+        err = (pred.float() - target) ** 2
+        w = torch.ones(4, device=x0.device)
+        w[3] = self.config.mask_weight
+        return (err.mean(dim=(0, 2, 3)) * w).sum() / w.sum()
+
+    def fit(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *, steps: int | None = None,
+            progress: bool = True) -> dict[str, list[float]]:
+        """Train both UNets on patch crops of ``images`` (RGB uint8) around ``masks`` (HxW).
+
+        Returns (and keeps in ``history``) the per-step losses of each model.
+        """
+        from tqdm.auto import tqdm
+
+        c = self.config
+        if len(images) != len(masks) or not len(images):
+            raise ValueError("fit needs as many masks as images, at least one")
+        rgb = [_to_rgb(i) for i in images]
+        self.config.gray = all(int(np.ptp(i.astype(np.int16), axis=2).max()) <= 2 for i in rgb)
+        sampler = _PatchSampler(rgb, masks, c, self.device)
+        sched = self._train_scheduler()
+        sched.alphas_cumprod = sched.alphas_cumprod.to(self.device)
+        steps = int(steps or c.train_steps)
+        rng = np.random.default_rng(c.seed)
+        g = torch.Generator(self.device).manual_seed(c.seed)
+        for name, model in (("large", self.large), ("small", self.small)):
+            lo, hi = self._t_range(name == "large")
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=1e-4)
+            lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps))
+            losses = []
+            bar = tqdm(range(steps), desc=f"train {name} (t {lo}-{hi - 1})", disable=not progress, leave=False)
+            for _ in bar:
+                x0 = sampler(c.batch_size, rng)
+                t = torch.randint(lo, hi, (x0.shape[0],), generator=g, device=self.device)
+                noise = torch.randn(x0.shape, generator=g, device=self.device)
+                loss = self._loss(model, sched, x0, t, noise)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                lr_sched.step()
+                losses.append(float(loss.detach()))
+                if len(losses) % 10 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            model.eval()
+            self.history[name] = losses
+        self._sampler = sampler
+        return self.history
+
+    @torch.no_grad()
+    def eval_loss(self, images, masks, n: int = 32, seed: int = 123) -> dict[str, float]:
+        """Loss of each model on a fixed set of crops, timesteps and noise (for comparisons)."""
+        c = self.config
+        sampler = _PatchSampler([_to_rgb(i) for i in images], masks, c, self.device)
+        rng = np.random.default_rng(seed)
+        g = torch.Generator(self.device).manual_seed(seed)
+        x0 = sampler(n, rng)
+        sched = self._train_scheduler()
+        sched.alphas_cumprod = sched.alphas_cumprod.to(self.device)
+        out = {}
+        for name, model in (("large", self.large), ("small", self.small)):
+            lo, hi = self._t_range(name == "large")
+            t = torch.randint(lo, hi, (n,), generator=g, device=self.device)
+            noise = torch.randn(x0.shape, generator=g, device=self.device)
+            out[name] = float(self._loss(model, sched, x0, t, noise))
+        return out
+
+    # ---- sampling
+    def _model_at(self, t: int, switch_t: int):
+        return self.large if t >= switch_t else self.small
+
+    @torch.no_grad()
+    def sample(self, known: torch.Tensor | None = None, region: torch.Tensor | None = None, *,
+               n: int | None = None, seed: int = 0, switch_t: int | None = None,
+               steps: int | None = None, resample: int | None = None, progress: bool = False) -> torch.Tensor:
+        """Run the two-stage reverse process; returns ``(B, 4, P, P)`` in [-1, 1].
+
+        ``known`` (B,4,P,P) and ``region`` (B,1,P,P, 1 = generate) make it an inpainting run;
+        without them it samples ``n`` unconditional patches.
+        """
+        from tqdm.auto import tqdm
+
+        c = self.config
+        switch_t = c.switch_t if switch_t is None else int(switch_t)
+        steps = steps or c.sample_steps
+        resample = max(1, resample or c.resample)
+        p = c.patch
+        if known is None:
+            known = torch.zeros(n or 1, 4, p, p, device=self.device)
+            region = torch.ones(n or 1, 1, p, p, device=self.device)
+        known, region = known.to(self.device).float(), region.to(self.device).float()
+        g = torch.Generator(self.device).manual_seed(int(seed))
+        sched = self._sample_scheduler()
+        sched.set_timesteps(steps, device=self.device)
+        acp = sched.alphas_cumprod.to(self.device)
+        x = torch.randn(known.shape, generator=g, device=self.device)
+        ts = [int(t) for t in sched.timesteps]
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+        for i, t in enumerate(tqdm(ts, desc="sample", disable=not progress, leave=False)):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            model = self._model_at(t, switch_t)
+            tt = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
+            for r in range(resample):
+                noise_k = torch.randn(known.shape, generator=g, device=self.device)
+                known_t = acp[t].sqrt() * known + (1 - acp[t]).sqrt() * noise_k
+                x = region * x + (1 - region) * known_t
+                with autocast:
+                    out = model(x, tt).sample.float()
+                x_prev = sched.step(out, t, x, eta=0.0).prev_sample
+                if r + 1 < resample and t_prev >= 0:  # RePaint: diffuse back to t and redo the step
+                    a = acp[t] / acp[t_prev]
+                    x = a.sqrt() * x_prev + (1 - a).sqrt() * torch.randn(x.shape, generator=g, device=self.device)
+            x = x_prev
+        return (region * x + (1 - region) * known).clamp(-1, 1)
+
+    def _region(self, rng: np.random.Generator) -> np.ndarray:
+        p = self.config.patch
+        lo, hi = self.config.region
+        m = np.zeros((p, p), np.uint8)
+        centre = (int(round(p / 2 + rng.uniform(-p / 10, p / 10))), int(round(p / 2 + rng.uniform(-p / 10, p / 10))))
+        axes = (max(2, int(rng.uniform(lo, hi) * p)), max(2, int(rng.uniform(lo, hi) * p)))
+        cv2.ellipse(m, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        return m
+
+    def _scale(self, rgb: np.ndarray) -> float:
+        s = self.config.image_size
+        return (min(rgb.shape[:2]) / s) if s else 1.0
+
+    def make_defects(self, normal_images: Sequence[np.ndarray], rng: np.random.Generator, *,
+                     switch_t: int | None = None, progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One defect per image, batched: ``[(rgb uint8, mask uint8 {0,1})]``; masks are exactly
+        the changed pixels and non-empty (fallback generator after ``retries`` empty draws)."""
+        c = self.config
+        p = c.patch
+        imgs = [_to_rgb(i) for i in normal_images]
+        results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(imgs)
+        todo = list(range(len(imgs)))
+        for attempt in range(c.retries + 1):
+            if not todo:
+                break
+            plans, knowns, regions = [], [], []
+            for i in todo:
+                img = imgs[i]
+                h, w = img.shape[:2]
+                side = max(8, min(h, w, int(round(p * self._scale(img)))))
+                y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+                crop = img[y0:y0 + side, x0:x0 + side]
+                if side != p:
+                    crop = cv2.resize(crop, (p, p), interpolation=cv2.INTER_AREA if side > p else cv2.INTER_CUBIC)
+                reg = self._region(rng)
+                k = torch.from_numpy(crop).permute(2, 0, 1).float() / 127.5 - 1
+                knowns.append(torch.cat([k, -torch.ones(1, p, p)]))
+                regions.append(torch.from_numpy(reg.astype(np.float32))[None])
+                plans.append((i, y0, x0, side, reg))
+            seed = int(rng.integers(2**62))
+            bs = 64 if self.device.type == "cuda" else 16
+            outs = []
+            for b in range(0, len(plans), bs):
+                outs.append(self.sample(torch.stack(knowns[b:b + bs]), torch.stack(regions[b:b + bs]),
+                                        seed=seed + b, switch_t=switch_t, progress=progress).cpu())
+            gen = torch.cat(outs)
+            failed = []
+            for (i, y0, x0, side, reg), g in zip(plans, gen):
+                res = self._compose(imgs[i], g, reg, y0, x0, side)
+                if res is None:
+                    failed.append(i)
+                else:
+                    results[i] = res
+                    self.stats["diffusion"] += 1
+            if attempt < c.retries:
+                self.stats["retries"] += len(failed)
+            todo = failed
+        for i in todo:
+            results[i] = fallback_defect(imgs[i], rng)
+            self.stats["fallback"] += 1
+        return results  # type: ignore[return-value]
+
+    def _compose(self, img, g: torch.Tensor, reg: np.ndarray, y0: int, x0: int, side: int):
+        c = self.config
+        rgb = ((g[:3].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.float32)
+        if c.gray:
+            rgb = np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2)
+        mprob = g[3].numpy().astype(np.float32)
+        m = (mprob > 0) & (reg > 0)
+        m = _drop_specks(m, max(2, c.min_pixels // 4))
+        if int(m.sum()) < c.min_pixels:
+            return None
+        if side != c.patch:
+            rgb = cv2.resize(rgb, (side, side), interpolation=cv2.INTER_LINEAR)
+            m = cv2.resize(m.astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST) > 0
+            if not m.any():
+                return None
+        blended = img.astype(np.float32).copy()
+        full = np.zeros(img.shape[:2], bool)
+        full[y0:y0 + side, x0:x0 + side] = m
+        blended[y0:y0 + side, x0:x0 + side] = np.where(m[..., None], rgb, blended[y0:y0 + side, x0:x0 + side])
+        out = enforce_change(img, blended, full)
+        changed = (out != img).any(axis=2)
+        return out, changed.astype(np.uint8)
+
+    def make_defect(self, rgb: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Same contract as :func:`inspector.synth.fallback.make_defect`."""
+        return self.make_defects([rgb], rng)[0]
+
+    # ---- persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.large.save_pretrained(path / "large", safe_serialization=True)
+        self.small.save_pretrained(path / "small", safe_serialization=True)
+        meta = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(),
+                "parameters": self.parameters_count,
+                "final_loss": {k: float(np.mean(v[-50:])) for k, v in self.history.items() if v}}
+        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> DefectGen:
+        from diffusers import UNet2DModel
+
+        path = Path(path)
+        meta_file = path / CONFIG_NAME
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path}: not a DefectGen model (no {CONFIG_NAME})")
+        meta = json.loads(meta_file.read_text())
+        cfg = DefectGenConfig.from_dict(meta["config"])
+        large = UNet2DModel.from_pretrained(path / "large", use_safetensors=True, low_cpu_mem_usage=False)
+        small = UNet2DModel.from_pretrained(path / "small", use_safetensors=True, low_cpu_mem_usage=False)
+        return cls(cfg, large, small, device=device)
+
+
+def _warmup_cosine(steps: int):
+    warm = max(1, min(50, steps // 10))
+
+    def f(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, (i - warm) / max(1, steps - warm))))
+
+    return f
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _drop_specks(m: np.ndarray, min_size: int) -> np.ndarray:
+    n, lab, st, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[1:] = st[1:, cv2.CC_STAT_AREA] >= min_size
+    return keep[lab]
+
+
+def receptive_field(model, size: int = 64, t: int = 500, rel: float = 1e-2) -> int:
+    """Effective receptive field (pixels, side) of a UNet at the centre output pixel: the span of
+    inputs whose gradient exceeds ``rel`` x the largest (GroupNorm statistics couple every pixel
+    weakly, so the strict, non-zero-gradient field is always the whole input)."""
+    x = torch.zeros(1, 4, size, size, requires_grad=True, device=next(model.parameters()).device)
+    out = model(x, torch.tensor([t], device=x.device)).sample
+    out[0, :, size // 2, size // 2].sum().backward()
+    a = x.grad[0].abs().sum(0)
+    g = a > rel * a.max()
+    ys, xs = torch.nonzero(g, as_tuple=True)
+    if len(ys) == 0:
+        return 0
+    return int(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1)
+
+
+def train_defectgen(images, masks, config: DefectGenConfig | None = None, *, device=None,
+                    progress: bool = True) -> DefectGen:
+    """Convenience: build and train a :class:`DefectGen`."""
+    gen = DefectGen(config, device=device)
+    gen.fit(images, masks, progress=progress)
+    return gen
+
+
+__all__ = ["DefectGen", "DefectGenConfig", "load_defect_pairs", "receptive_field", "train_defectgen"]
