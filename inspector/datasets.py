@@ -34,7 +34,7 @@ from .synth.fallback import make_defect
 from .synth.mvtec import write_mvtec
 
 #: Bump when a recipe changes: cached folders with another version are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 TEXTURE_PRODUCTS = ("brick", "gravel", "grass")
 PRODUCTS = TEXTURE_PRODUCTS + ("textile",)
 #: texture defect type -> fallback kind
@@ -103,6 +103,10 @@ def _textile_files() -> dict[str, list[Path]]:
             for k, d in (("nominal", ccd.nominal_dir), ("local", ccd.local_dir), ("global", ccd.global_dir))}
 
 
+def _defect_order(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, 98]).permutation(n)
+
+
 def _load_resized(path: Path, size: int) -> np.ndarray:
     from .io import read_image
 
@@ -125,7 +129,7 @@ def _build_textile(out: Path, seed: int, size: int) -> dict:
     sources: dict[str, list[str]] = {"train/good": [p.name for p in nominal[:n_tr]],
                                      "test/good": [p.name for p in nominal[n_tr:n_tr + n_te]]}
     for kind in ("local", "global"):
-        pick = [files[kind][i] for i in sorted(rng.choice(len(files[kind]), COUNTS["textile_per_defect"], replace=False))]
+        pick = [files[kind][i] for i in sorted(_defect_order(len(files[kind]), seed)[:COUNTS["textile_per_defect"]])]
         defects[kind] = [(_load_resized(p, size), None) for p in pick]
         sources[f"test/{kind}"] = [p.name for p in pick]
     syn_src = nominal[n_tr + n_te:n_tr + n_te + n_syn]
@@ -136,6 +140,50 @@ def _build_textile(out: Path, seed: int, size: int) -> dict:
                        **{f"test/{t}": len(v) for t, v in defects.items()}},
             "sources": sources, "masks": ["synthetic"],
             "note": "test/local and test/global carry image labels only (no masks in the source)"}
+
+
+def estimate_local_mask(rgb: np.ndarray, z_thresh: float = 2.5) -> np.ndarray:
+    """Estimated pixel mask (bool HxW) of the one *local* defect of a simulated textile image.
+
+    The textile ``local`` defects are small patches of high-frequency noise on a smooth weave:
+    the local energy of the residual from a 5x5 median filter peaks there. The mask is the
+    connected region around the peak where that energy is ``z_thresh`` standard deviations above
+    the image mean (near the peak), closed, largest blob kept. An *estimate* (the source ships no masks): used
+    for training/benchmarking generators on real defects, not as evaluation ground truth.
+    """
+    g = rgb.mean(axis=2).astype(np.float32) if rgb.ndim == 3 else rgb.astype(np.float32)
+    med = cv2.medianBlur(np.clip(g, 0, 255).astype(np.uint8), 5).astype(np.float32)
+    k = max(5, int(round(min(g.shape) / 28)) | 1)
+    energy = cv2.boxFilter(np.abs(g - med), -1, (k, k))
+    z = (energy - energy.mean()) / (energy.std() + 1e-6)
+    b = k  # resize/JPEG artefacts and filter padding make the borders noisy
+    z[:b], z[-b:], z[:, :b], z[:, -b:] = 0, 0, 0, 0
+    py, px = np.unravel_index(int(np.argmax(z)), z.shape)
+    win = np.zeros(z.shape, bool)
+    r = 3 * k
+    win[max(0, py - r):py + r + 1, max(0, px - r):px + r + 1] = True
+    cand = ((z > max(z_thresh, 0.3 * float(z.max()))) & win).astype(np.uint8)
+    m = cv2.morphologyEx(cand, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+    n, lab, st, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n > 2:  # keep the largest blob (specks of texture energy nearby are not the defect)
+        m = (lab == 1 + int(np.argmax(st[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    return m.astype(bool)
+
+
+def textile_local_defects(n: int = 12, size: int = 256, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` real textile *local* defect images (resized to ``size``) with estimated masks
+    (:func:`estimate_local_mask`), deterministic for ``seed``; never among the files the
+    ``textile`` product (same seed) puts in ``test/local``: those come from the start of one
+    seeded permutation, these from its end."""
+    files = _textile_files()["local"]
+    order = _defect_order(len(files), seed)
+    if n > len(files) - COUNTS["textile_per_defect"]:
+        raise ValueError(f"at most {len(files) - COUNTS['textile_per_defect']} local defects available")
+    out = []
+    for i in order[::-1][:n]:
+        img = _load_resized(files[i], size)
+        out.append((img, estimate_local_mask(img)))
+    return out
 
 
 def build_sample(name: str = "brick", root: str | os.PathLike | None = None, seed: int = 0,

@@ -103,3 +103,28 @@ def test_textile_classification_folder(built):
     dm.setup()
     n_abn = int(sum(int(b.gt_label.sum()) for b in dm.test_dataloader()))
     assert n_abn == 32
+
+
+def test_textile_local_defects_have_estimated_masks(built):
+    from inspector.datasets import estimate_local_mask, textile_local_defects
+
+    _, out, _ = built
+    pairs = textile_local_defects(6, size=256)
+    used = set(json.loads((out["textile"] / "manifest.json").read_text())["sources"]["test/local"])
+    assert len(pairs) == 6
+    for img, m in pairs:
+        assert img.shape == (256, 256, 3) and m.shape == (256, 256) and m.dtype == bool
+        assert 40 <= m.sum() <= 0.02 * m.size  # one small blob, not the weave
+        # the blob is where the high-frequency noise is: more residual energy inside than outside
+        g = img.mean(axis=2).astype(np.float32)
+        res = np.abs(g - cv2.medianBlur(g.astype(np.uint8), 5))
+        assert res[m].mean() > 1.5 * res[~m].mean()
+    again = textile_local_defects(6, size=256)
+    assert all((a[1] == b[1]).all() for a, b in zip(pairs, again))
+    # a nominal image gives a small or empty mask (there is nothing to find)
+    from inspector.io import read_image
+    from inspector.synth.mvtec import read_mvtec
+
+    nominal = read_image(read_mvtec(out["textile"]).train_good[0])
+    assert estimate_local_mask(nominal).sum() < 400
+    assert used  # the product's local files are listed (and disjoint by construction)

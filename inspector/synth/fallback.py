@@ -127,7 +127,9 @@ def _perlin(img: np.ndarray, rng: np.random.Generator, area, strength: float):
 
 
 def _rect_size(h: int, w: int, rng: np.random.Generator, area) -> tuple[int, int]:
-    frac = math.exp(rng.uniform(math.log(max(area[0], 0.01)), math.log(min(area[1], 0.08))))
+    lo = area[0]
+    hi = max(lo, min(area[1], 0.08))
+    frac = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     ratio = math.exp(rng.uniform(math.log(0.3), math.log(3.3)))
     ph = int(round(math.sqrt(frac * h * w * ratio)))
     pw = int(round(math.sqrt(frac * h * w / ratio)))

@@ -104,18 +104,21 @@ def rect_mask(shape: tuple[int, int], top: int, left: int, ph: int, pw: int) -> 
 
 def scar_mask(shape: tuple[int, int], rng: np.random.Generator,
               area: tuple[float, float] = DEFAULT_AREA) -> np.ndarray:
-    """A thin rotated rectangle (CutPaste-scar), about 2-6 % of the short side wide."""
+    """A thin rotated rectangle (CutPaste-scar): length 15-50 % of the short side, width set by
+    the target area (log-uniform in ``area``), at least 2 px and at most 8 % of the short side."""
     h, w = shape
     s = min(h, w)
-    for _ in range(20):
-        width = max(2.0, rng.uniform(0.02, 0.06) * s)
-        length = max(3 * width, rng.uniform(0.2, 0.5) * s)
-        angle = rng.uniform(0, 180)
-        cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
-        box = cv2.boxPoints(((cx, cy), (length, width), angle))
-        m = np.zeros((h, w), dtype=np.uint8)
-        cv2.fillPoly(m, [np.round(box).astype(np.int32)], 1)
-        frac = m.mean()
-        if area[0] * 0.5 <= frac <= area[1] and m.any():
-            return m.astype(bool)
+    target = min(_area_target(rng, area), 0.5 * 0.08)  # a scar is thin: cap at 0.5 x 8 % of the side
+    length = rng.uniform(0.15, 0.5) * s
+    width = target * h * w / length
+    if width < 2.0:
+        width, length = 2.0, max(4.0, min(0.9 * s, target * h * w / 2.0))
+    width = min(width, max(2.0, 0.08 * s))
+    angle = rng.uniform(0, 180)
+    cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+    box = cv2.boxPoints(((cx, cy), (length, width), angle))
+    m = np.zeros((h, w), dtype=np.uint8)
+    cv2.fillPoly(m, [np.round(box).astype(np.int32)], 1)
+    if not m.any():
+        m[int(cy), int(cx)] = 1
     return m.astype(bool)
