@@ -1,0 +1,107 @@
+"""`inspector serve`: start the Gradio inspection station.
+
+Safe defaults: listens on 127.0.0.1:7860 (this machine only); login, upload limit, allowed batch
+folders and queue size come from ``--config`` / ``$INSPECTOR_CONFIG`` and the environment (see
+:mod:`inspector.config`). ``--sample`` builds the bundled sample product ("brick", from
+scikit-image's texture; offline, seconds) and registers it (GraphCore on EfficientNet-Lite0 at
+256 px, 4 shots) unless it is already registered, and points the Live tab at a replay folder of
+its test images: that is what ``make demo`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+SAMPLE_PRODUCT = "brick"
+SAMPLE_SHOTS = 4
+SAMPLE_SIZE = 256
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start the inspection station (web UI)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sample", action="store_true",
+                   help=f"build and register the sample product {SAMPLE_PRODUCT!r} if missing, then serve")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all interfaces)")
+    p.add_argument("--port", type=int, help="port (default 7860)")
+    p.add_argument("--data-dir", type=Path, help="data directory (default $INSPECTOR_DATA or ./data)")
+    p.add_argument("--config", type=Path, help="station config file (TOML; default $INSPECTOR_CONFIG)")
+    p.add_argument("--camera", help="default camera source for the Live tab (index, URL or folder)")
+    p.set_defaults(func=run)
+
+
+def prepare_sample(station, *, backbone: str = "efficientnet-lite0", image_size: int = SAMPLE_SIZE,
+                   shots: int = SAMPLE_SHOTS, log=print) -> tuple[Path, Path]:
+    """Build the sample dataset, register the sample product if it is not registered yet, and
+    make a camera replay folder mixing good and defective test images.
+
+    Returns ``(dataset folder, replay folder)``.
+    """
+    from ..datasets import build_sample
+    from ..io import list_images, read_image
+
+    folder = Path(build_sample(SAMPLE_PRODUCT))
+    train = list_images(folder / "train" / "good")[:shots]
+    replace = False
+    if station.registry.exists(SAMPLE_PRODUCT):
+        try:  # a product saved by an older, incompatible version of a detector is registered again
+            station.registry.get(SAMPLE_PRODUCT).inspect([read_image(train[0])])
+        except Exception as exc:  # noqa: BLE001
+            log(f"sample product {SAMPLE_PRODUCT!r} cannot be used ({exc}); registering it again")
+            replace = True
+    if replace or not station.registry.exists(SAMPLE_PRODUCT):
+        log(f"registering sample product {SAMPLE_PRODUCT!r} ({len(train)} shots, graphcore, {backbone} "
+            f"@ {image_size} px)...")
+        station.registry.register(SAMPLE_PRODUCT, [read_image(p) for p in train], detector="graphcore",
+                                  backbone=backbone, image_size=image_size, actor="inspector serve --sample",
+                                  replace=replace)
+    replay = Path(station.data_dir) / "camera-replay" / SAMPLE_PRODUCT
+    if not replay.is_dir():
+        tmp = replay.with_name(f".{replay.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # interleave good parts and defects, as a line would deliver them
+        good = list_images(folder / "test" / "good")
+        bad = [p for p in list_images(folder / "test") if p.parent.name != "good"]
+        order, gi, bi = [], 0, 0
+        while gi < len(good) or bi < len(bad):
+            for _ in range(2):
+                if gi < len(good):
+                    order.append(good[gi])
+                    gi += 1
+            if bi < len(bad):
+                order.append(bad[bi])
+                bi += 1
+        for i, src in enumerate(order):
+            shutil.copy2(src, tmp / f"{i:03d}_{src.parent.name}_{src.name}")
+        tmp.rename(replay)
+    return folder, replay
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import StationConfig
+    from ..service import Station
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = StationConfig.load(args.config, host=args.host, port=args.port, data_dir=args.data_dir,
+                             camera=args.camera)
+    station = Station(cfg.data_dir)
+    cfg.data_dir = Path(station.data_dir)
+    if args.sample:
+        folder, replay = prepare_sample(station)
+        if not cfg.camera:
+            cfg.camera = str(replay)
+        cfg.allowed_batch_roots = [*cfg.allowed_batch_roots, folder]
+    from app.station import StationApp
+
+    app = StationApp(station, cfg)
+    for w in cfg.warnings():
+        print(f"warning: {w}")
+    print(f"inspection station on http://{cfg.host}:{cfg.port}  (data: {station.data_dir}; Ctrl-C stops)")
+    app.launch()
+    return 0
