@@ -64,7 +64,8 @@ class DefectGenConfig:
     norm_groups: int = 8
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"   #: cosine, as Defect-Gen
-    prediction_type: str = "epsilon"          #: or "sample" (x0, as Defect-Gen)
+    prediction_type: str = "sample"       #: x0, as Defect-Gen ("epsilon", "v_prediction" also work)
+    eta: float = 0.0                      #: DDIM eta (0 deterministic given the noise, 1 ancestral)
     switch_t: int = 400                   #: large model for t >= switch_t, small model below
     overlap: float = 0.25                 #: each model also trains this fraction past the switch
     train_steps: int = 800                #: optimisation steps per model
@@ -242,9 +243,12 @@ class DefectGen:
                  device: str | torch.device | None = None):
         self.config = config or DefectGenConfig()
         self.device = torch.device(device or default_device())
-        torch.manual_seed(self.config.seed)
-        self.large = (large or _unet(self.config, True)).to(self.device).eval()
-        self.small = (small or _unet(self.config, False)).to(self.device).eval()
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(self.config.seed)
+            large = large or _unet(self.config, True)
+            small = small or _unet(self.config, False)
+        self.large = large.to(self.device).eval()
+        self.small = small.to(self.device).eval()
         self.history: dict[str, list[float]] = {}
         self.stats = {"diffusion": 0, "fallback": 0, "retries": 0}
 
@@ -280,7 +284,8 @@ class DefectGen:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
         with autocast:
             pred = model(xt, t).sample
-        target = noise if self.config.prediction_type == "epsilon" else x0
+        pt = self.config.prediction_type
+        target = noise if pt == "epsilon" else sched.get_velocity(x0, noise, t) if pt == "v_prediction" else x0
         err = (pred.float() - target) ** 2
         w = torch.ones(4, device=x0.device)
         w[3] = self.config.mask_weight
@@ -389,7 +394,7 @@ class DefectGen:
                 x = region * x + (1 - region) * known_t
                 with autocast:
                     out = model(x, tt).sample.float()
-                x_prev = sched.step(out, t, x, eta=0.0).prev_sample
+                x_prev = sched.step(out, t, x, eta=c.eta, generator=g).prev_sample
                 if r + 1 < resample and t_prev >= 0:  # RePaint: diffuse back to t and redo the step
                     a = acp[t] / acp[t_prev]
                     x = a.sqrt() * x_prev + (1 - a).sqrt() * torch.randn(x.shape, generator=g, device=self.device)
