@@ -265,3 +265,21 @@ def test_cli_generate_and_train(tmp_path, images):
     assert main(["synth", "generate", "--normal", str(normal), "--n", "2", "--out", str(out2),
                  "--model", str(model)]) == 0
     assert len(read_mvtec(out2).defects["synthetic"]) == 2
+
+
+def test_mvtec_writer_accepted_by_anomalib_mvtecad(tmp_path, images):
+    import torch
+    from anomalib.data import MVTecAD
+
+    rng = np.random.default_rng(1)
+    defects = {"scratch": [make_defect(images[0], rng, "scar") for _ in range(4)]}
+    write_mvtec(tmp_path / "part", [images[0]] * 3, [images[0]] * 2, defects)
+    dm = MVTecAD(root=tmp_path, category="part", train_batch_size=3, eval_batch_size=8, num_workers=0,
+                 val_split_mode="none")
+    dm.setup()
+    assert next(iter(dm.train_dataloader())).image.shape[0] == 3
+    batch = next(iter(dm.test_dataloader()))
+    labels = batch.gt_label.bool()
+    assert int(labels.sum()) == 4 and len(labels) == 6
+    assert batch.gt_mask[labels].flatten(1).any(1).all() and not batch.gt_mask[~labels].any()
+    assert isinstance(batch.image, torch.Tensor)
