@@ -34,7 +34,7 @@ from .synth.fallback import make_defect
 from .synth.mvtec import write_mvtec
 
 #: Bump when a recipe changes: cached folders with another version are rebuilt.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 TEXTURE_PRODUCTS = ("brick", "gravel", "grass")
 PRODUCTS = TEXTURE_PRODUCTS + ("textile",)
 #: texture defect type -> fallback kind
