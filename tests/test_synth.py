@@ -283,3 +283,17 @@ def test_mvtec_writer_accepted_by_anomalib_mvtecad(tmp_path, images):
     assert int(labels.sum()) == 4 and len(labels) == 6
     assert batch.gt_mask[labels].flatten(1).any(1).all() and not batch.gt_mask[~labels].any()
     assert isinstance(batch.image, torch.Tensor)
+
+
+def test_diffusion_working_scale_fits_defects_in_a_patch():
+    from inspector.synth.diffusion import DefectGenConfig, _fit_scale
+
+    img = np.zeros((256, 256, 3), np.uint8)
+    big = np.zeros((256, 256), bool)
+    big[50:150, 60:120] = True          # 100 px tall
+    small = np.zeros((256, 256), bool)
+    small[10:20, 10:20] = True
+    cfg = DefectGenConfig(patch=64, image_size=256)
+    assert _fit_scale([img] * 3, [big] * 3, cfg) == round(0.6 * 64 / (100 / 256))
+    assert _fit_scale([img], [small], cfg) == 256            # never above image_size
+    assert _fit_scale([img], [np.ones((256, 256), bool)], cfg) == 64   # never below the patch
