@@ -1,0 +1,402 @@
+"""Score a folder of images for one product: streamed, batched, resumable, every file recorded.
+
+``run_batch(folder, product, registry, store)``:
+
+* **Streams.** Only the list of file paths is built up front (for the progress total); images
+  are read and decoded by a small thread pool a few mini-batches ahead of the model, and each is
+  reduced at once to the model's input size (the very resize the single-image path applies, so
+  scores are identical) plus a display copy of at most ``heatmap.MAX_SIDE`` pixels for its heatmap.
+  Memory holds about ``3 * batch_size`` such pairs, whatever the folder and image sizes.
+* **Batches on the device.** Good images are scored ``batch_size`` at a time (one backbone pass).
+* **Every file gets a row.** A file that cannot be read (corrupt, empty, not an image, above the
+  pixel limit...) is recorded with verdict ``ERROR`` and the :class:`~inspector.io.ImageError`
+  reason; the batch goes on. Hidden files (``.name``) are skipped.
+* **Resumable, exactly once.** The batch id is a hash of (folder, product, product version).
+  Rows are committed one mini-batch per transaction (after that mini-batch's heatmap PNGs are on
+  disk; they are written while the model scores the next mini-batch), and on a rerun every file already recorded
+  under that batch id is skipped; the store's unique ``(batch_id, source)`` makes a double row
+  impossible even if two runs overlap. Kill it (Ctrl-C, ``kill -9``, power loss) and rerun the
+  same command: nothing is scored twice and nothing is lost. A changed product (new version)
+  is a new batch.
+* **MuSc products** score the folder itself as the mutual set, in subsets of ``musc_subset``
+  images (a seeded shuffle of the whole file list, so subsets mix the folder's classes), each
+  together with the product's reference shots. Subset membership depends only on the file list,
+  so a resumed batch recomputes an interrupted subset identically and records only what is missing.
+* **Reports.** At the end, ``results.csv`` and ``report.html`` (score histogram, worst images with
+  their heatmaps, errors) in ``out_dir`` cover the whole batch, including rows from earlier runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from . import io as imio
+from .heatmap import MAX_SIDE, save_heatmap
+from .verdict import ERROR
+
+HEATMAP_MODES = ("all", "flagged", "none")
+
+
+@dataclass
+class BatchSummary:
+    batch_id: str
+    folder: str
+    product: str
+    version: str
+    out_dir: str
+    n_files: int
+    n_scored: int
+    n_errors: int
+    n_skipped: int  # already recorded by an earlier run of the same batch
+    n_new: int  # recorded by this run
+    counts: dict = field(default_factory=dict)  # verdict -> rows (whole batch)
+    csv_path: str | None = None
+    html_path: str | None = None
+    elapsed_s: float = 0.0
+    images_per_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Loaded:
+    path: Path
+    sha256: str | None
+    rgb: np.ndarray | None  # what the model gets (already at its input size when prepared)
+    error: str | None
+    view: np.ndarray | None = None  # display copy for the heatmap
+
+
+def display_copy(rgb: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return rgb
+    s = max_side / max(h, w)
+    return cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
+def batch_id_for(folder: str | os.PathLike, product: str, version: str) -> str:
+    key = f"{Path(folder).resolve()}\0{product}\0{version}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def iter_files(folder: Path, exclude: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Regular files under ``folder`` (recursive, sorted, hidden names skipped), lazily."""
+    excl = {p.resolve() for p in exclude}
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            p = Path(e.path)
+            if e.is_dir(follow_symlinks=False):
+                if p.resolve() not in excl:
+                    subdirs.append(p)
+            elif e.is_file():
+                yield p
+        stack.extend(reversed(subdirs))
+
+
+def load_file(path: Path, max_pixels: int | None = None, resize: Callable | None = None) -> _Loaded:
+    """Read + hash + decode one file; never raises for bad input (returns the reason).
+    ``resize``: the model's input resize (``Preprocess.resize``), applied here in the worker."""
+    try:
+        size = path.stat().st_size
+        if size > imio.MAX_BYTES:
+            raise imio.ImageError(str(path), f"file too large ({size} bytes > {imio.MAX_BYTES})")
+        data = path.read_bytes()
+    except imio.ImageError as exc:
+        return _Loaded(path, None, None, exc.reason)
+    except OSError as exc:
+        return _Loaded(path, None, None, f"unreadable: {exc.strerror or exc}")
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        rgb = imio.read_image(data, max_pixels=max_pixels, name=str(path))
+    except imio.ImageError as exc:
+        return _Loaded(path, sha, None, exc.reason)
+    except Exception as exc:  # a decoder crash on a hostile file is that file's problem only
+        return _Loaded(path, sha, None, f"unreadable image ({type(exc).__name__}: {exc})")
+    if resize is None:
+        return _Loaded(path, sha, rgb, None, rgb)
+    return _Loaded(path, sha, resize(rgb), None, display_copy(rgb))
+
+
+def _prefetch(pool: ThreadPoolExecutor, paths: list[Path], window: int, max_pixels, resize) -> Iterator[_Loaded]:
+    """Decode ahead in ``pool`` with at most ``window`` files in flight, in order."""
+    it = iter(paths)
+    pending: deque[Future] = deque()
+    for p in it:
+        pending.append(pool.submit(load_file, p, max_pixels, resize))
+        if len(pending) >= window:
+            break
+    while pending:
+        item = pending.popleft().result()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool.submit(load_file, nxt, max_pixels, resize))
+        yield item
+
+
+class _Progress:
+    """rich progress bar (rate and ETA) on stderr, plus an optional callback(done, total)."""
+
+    def __init__(self, total: int, done: int, enabled: bool, label: str, callback=None):
+        self.callback = callback
+        self.total, self.done, self.errors = total, done, 0
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]} img/s"), TextColumn("errors {task.fields[errors]}"),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                console=Console(stderr=True), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=total, completed=done, rate="-", errors=0)
+        self.t0 = time.perf_counter()
+        self.n0 = done
+        if callback:
+            callback(done, total)
+
+    def advance(self, n: int, errors: int = 0) -> None:
+        self.done += n
+        self.errors += errors
+        if self.bar is not None:
+            dt = time.perf_counter() - self.t0
+            rate = (self.done - self.n0) / dt if dt > 0 else 0.0
+            self.bar.update(self.task, advance=n, rate=f"{rate:.1f}", errors=self.errors)
+        if self.callback:
+            self.callback(self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def run_batch(folder: str | os.PathLike, product, registry, store, out_dir: str | os.PathLike | None = None, *,
+              batch_size: int = 8, progress: bool = True, resume: bool = True, runtime: str = "torch",
+              heatmaps: str = "all", data_dir: str | os.PathLike | None = None, workers: int | None = None,
+              max_pixels: int | None = None, musc_subset: int = 64,
+              on_progress: Callable[[int, int], None] | None = None, report: bool = True) -> BatchSummary:
+    """Score every file under ``folder`` with ``product`` (name or Product); see the module docstring.
+
+    ``heatmaps``: ``all`` (a PNG per scored image), ``flagged`` (UNCERTAIN and NG only) or ``none``.
+    ``resume=False`` starts a new batch (new id) instead of continuing the folder's batch.
+    """
+    t_start = time.perf_counter()
+    prod = registry.get(product) if isinstance(product, str) else product
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"batch folder not found or not a directory: {folder}")
+    if heatmaps not in HEATMAP_MODES:
+        raise ValueError(f"heatmaps must be one of {HEATMAP_MODES}, got {heatmaps!r}")
+    batch_size = max(1, int(batch_size))
+    data_dir = Path(data_dir) if data_dir else registry.root.parent
+    batch_id = batch_id_for(folder, prod.name, prod.version)
+    if not resume:
+        batch_id = f"{batch_id}-{uuid.uuid4().hex[:8]}"
+    out = Path(out_dir) if out_dir else data_dir / "batches" / batch_id
+    hm_dir = data_dir / "heatmaps" / "batches" / batch_id
+    rt = registry.runtime(prod, runtime)  # fail early (unknown runtime, missing weights)
+
+    files = list(iter_files(folder, exclude=(out, data_dir)))
+    done = store.batch_sources(batch_id) if resume else set()
+    todo = [p for p in files if str(p) not in done]
+    n_skipped = len(files) - len(todo)
+    bar = _Progress(len(files), n_skipped, progress, f"{prod.name} {folder.name}", on_progress)
+    workers = workers or min(4, os.cpu_count() or 1)
+    ctx = _Ctx(prod, registry, store, rt, runtime, batch_id, folder, hm_dir, heatmaps, bar, max_pixels)
+    n_new = 0
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="batch-io") as pool:
+            ctx.pool = pool
+            if rt.mode == "mutual":
+                n_new = _run_mutual(ctx, files, done, batch_size, musc_subset)
+            else:
+                n_new = _run_independent(ctx, todo, batch_size)
+    finally:
+        bar.close()
+    rows = store.history(batch_id=batch_id, limit=None)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    elapsed = time.perf_counter() - t_start
+    summary = BatchSummary(
+        batch_id=batch_id, folder=str(folder), product=prod.name, version=prod.version, out_dir=str(out),
+        n_files=len(files), n_scored=sum(v for k, v in counts.items() if k != ERROR),
+        n_errors=counts.get(ERROR, 0), n_skipped=n_skipped, n_new=n_new, counts=counts,
+        elapsed_s=round(elapsed, 3), images_per_s=round(n_new / elapsed, 2) if elapsed > 0 else 0.0)
+    if report:
+        from .report import write_reports
+
+        summary.csv_path, summary.html_path = (str(p) for p in write_reports(rows, out, summary, prod))
+    return summary
+
+
+@dataclass
+class _Ctx:
+    prod: object
+    registry: object
+    store: object
+    rt: object
+    runtime: str
+    batch_id: str
+    folder: Path
+    hm_dir: Path
+    heatmaps: str
+    bar: _Progress
+    max_pixels: int | None
+    pool: ThreadPoolExecutor | None = None
+
+    def error_row(self, item: _Loaded) -> dict:
+        return dict(product=self.prod.name, source=str(item.path), image_sha256=item.sha256, score=None,
+                    verdict=ERROR, model_version=self.prod.version, batch_id=self.batch_id, error=item.error)
+
+    def heatmap_path(self, path: Path) -> Path:
+        rel = path.relative_to(self.folder)
+        tag = hashlib.sha1(str(rel).encode()).hexdigest()[:10]
+        return self.hm_dir / f"{tag}_{path.stem[:60]}.png"
+
+    def rows_for(self, items: list[_Loaded], res, ms: float) -> tuple[list[dict], list[Future]]:
+        """Rows for scored items and the futures of their heatmap PNGs (written in the pool). The
+        caller commits the rows only once those futures are done, so a committed row's heatmap
+        exists."""
+        rows, futs = [], []
+        th = self.prod.thresholds
+        for it, m, s in zip(items, res.maps.numpy(), res.scores.tolist()):
+            verdict = th.decide(float(s))
+            hp = None
+            if self.heatmaps == "all" or (self.heatmaps == "flagged" and verdict.value != "OK"):
+                hp = self.heatmap_path(it.path)
+                futs.append(self.pool.submit(save_heatmap, hp, it.view, m, th, self.prod.map_low))
+            rows.append(dict(product=self.prod.name, source=str(it.path), image_sha256=it.sha256, score=float(s),
+                             verdict=verdict.value, heatmap_path=None if hp is None else str(hp),
+                             model_version=self.prod.version, latency_ms=ms, batch_id=self.batch_id))
+        return rows, futs
+
+    def score_items(self, items: list[_Loaded]) -> tuple[list[dict], list[Future]]:
+        """Score a mini-batch; if the batch fails as a whole, isolate the failing file(s)."""
+        try:
+            res, ms = self.registry.score(self.prod, [it.rgb for it in items], self.runtime)
+            return self.rows_for(items, res, ms)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:
+            if len(items) == 1:
+                items[0].error = f"scoring failed ({type(exc).__name__}: {exc})"
+                items[0].rgb = items[0].view = None
+                return [self.error_row(items[0])], []
+            rows, futs = [], []
+            for it in items:
+                r, f = self.score_items([it])
+                rows += r
+                futs += f
+            return rows, futs
+
+    def commit(self, rows: list[dict], futs: list[Future]) -> int:
+        """Wait for the rows' heatmaps, then insert the rows in one transaction; advance the bar."""
+        for f in futs:
+            f.result()
+        n = self.store.record_inspections(rows)
+        self.bar.advance(len(rows), sum(1 for r in rows if r["verdict"] == ERROR))
+        return n
+
+
+def _run_independent(ctx: _Ctx, todo: list[Path], batch_size: int) -> int:
+    """Mini-batches in order; mini-batch k is committed after k+1 is scored, so the heatmap PNGs
+    of k are written while the model works on k+1."""
+    n_new = 0
+    good: list[_Loaded] = []
+    errors: list[dict] = []
+    pending: tuple[list[dict], list[Future]] | None = None
+
+    def flush():
+        nonlocal n_new, good, errors, pending
+        rows, futs = ctx.score_items(good) if good else ([], [])
+        if pending is not None:
+            n_new += ctx.commit(*pending)
+        pending = (errors + rows, futs)
+        good, errors = [], []
+
+    for item in _prefetch(ctx.pool, todo, 3 * batch_size, ctx.max_pixels, ctx.rt.resize):
+        if item.error is not None:
+            errors.append(ctx.error_row(item))
+        else:
+            good.append(item)
+        if len(good) >= batch_size or len(errors) >= batch_size:
+            flush()
+    if good or errors:
+        flush()
+    if pending is not None:
+        n_new += ctx.commit(*pending)
+    return n_new
+
+
+def _run_mutual(ctx: _Ctx, files: list[Path], done: set[str], batch_size: int, subset: int) -> int:
+    """MuSc: the folder is the mutual set, scored in seeded-shuffled subsets of ``subset`` files."""
+    import torch
+
+    from .detectors.base import AnomalyResult
+
+    subset = max(2, int(subset))
+    order = np.random.default_rng(int(ctx.batch_id[:8], 16)).permutation(len(files))
+    n_new = 0
+    for s0 in range(0, len(files), subset):
+        members = [files[i] for i in sorted(order[s0:s0 + subset])]
+        missing = [p for p in members if str(p) not in done]
+        if not missing:
+            continue
+        rows, good, futs = [], [], []
+        for item in _prefetch(ctx.pool, members, 2 * batch_size, ctx.max_pixels, ctx.rt.resize):
+            if item.error is not None:
+                if str(item.path) not in done:
+                    rows.append(ctx.error_row(item))
+            else:
+                good.append(item)
+        if good:
+            t0 = time.perf_counter()
+            feats: dict[str, list] = {}
+            globs = []
+            for b0 in range(0, len(good), batch_size):  # backbone in mini-batches, features kept
+                f, g = ctx.rt.extract(ctx.rt.preprocess([it.rgb for it in good[b0:b0 + batch_size]]))
+                for k, v in f.items():
+                    feats.setdefault(k, []).append(v)
+                if g is not None:
+                    globs.append(g)
+            cat = {k: torch.cat(v) for k, v in feats.items()}
+            res = ctx.rt.score_set(cat, torch.cat(globs) if globs else None)
+            ms = (time.perf_counter() - t0) * 1e3 / len(good)
+            keep = [i for i, it in enumerate(good) if str(it.path) not in done]
+            scored, futs = ctx.rows_for([good[i] for i in keep], AnomalyResult(res.maps[keep], res.scores[keep]), ms)
+            rows += scored
+        n_new += ctx.commit(rows, futs)
+    return n_new
+
+
+__all__ = ["BatchSummary", "HEATMAP_MODES", "batch_id_for", "iter_files", "load_file", "run_batch"]

@@ -1,0 +1,327 @@
+"""The inspection database: every inspection and every registry change (audit trail).
+
+SQLAlchemy 2 Core over SQLite by default (``sqlite:///<data_dir>/inspector.db``); any SQLAlchemy
+URL works, e.g. ``postgresql+psycopg://user:pw@host/inspector`` (install the driver).
+
+SQLite is set up for several writers: WAL journal (readers never block the writer), a 30 s busy
+timeout, and write transactions opened with ``BEGIN IMMEDIATE`` so concurrent writers queue on
+the lock instead of failing with "database is locked". One :class:`Store` may be shared by many
+threads; several processes may open the same file.
+
+Schema versions live in ``schema_version``; :data:`MIGRATIONS` lists the steps, applied in order
+inside one write transaction at start-up, so an old database is upgraded in place.
+
+Batch rows carry ``batch_id``; ``(batch_id, source)`` is unique and batch inserts skip
+conflicting rows, so a resumed batch can never record one file twice.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+
+DECISIONS = ("accept", "reject")
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
+
+inspections = Table(
+    "inspections",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("product", String(64), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("image_sha256", String(64)),
+    Column("score", Float),
+    Column("verdict", String(16)),  # OK / UNCERTAIN / NG, or ERROR when the file could not be scored
+    Column("heatmap_path", Text),
+    Column("model_version", String(64)),
+    Column("latency_ms", Float),
+    Column("batch_id", String(64)),
+    Column("error", Text),
+    Column("decision", String(16)),  # operator review: accept / reject
+    Column("operator", String(128)),
+    Column("decided_at", DateTime(timezone=True)),
+    UniqueConstraint("batch_id", "source", name="uq_inspections_batch_source"),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("product", String(64)),
+    Column("details", Text, nullable=False),  # JSON
+)
+
+
+def _migrate_v1(conn: Connection) -> None:
+    """Initial schema: inspections (with the batch/source uniqueness) and audit."""
+    for table in (inspections, audit):
+        table.create(conn, checkfirst=True)
+
+
+def _migrate_v2(conn: Connection) -> None:
+    """Indices for the station's history queries and batch resume. Plain DDL (SQLite and
+    PostgreSQL both take ``IF NOT EXISTS``), not Index objects, which would attach themselves to
+    the Table and be created again by v1 on a fresh database."""
+    for name, table, cols in (
+        ("ix_inspections_product_created", "inspections", "product, created_at"),
+        ("ix_inspections_verdict", "inspections", "verdict"),
+        ("ix_inspections_batch", "inspections", "batch_id"),
+        ("ix_audit_product", "audit", "product, created_at"),
+    ):
+        conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({cols})")
+
+
+#: (version, step) in order. Append new steps; never edit an applied one.
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _migrate_v1), (2, _migrate_v2)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything here is UTC."""
+    if dt is None:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+class Store:
+    """Inspections + audit trail behind one SQLAlchemy engine. Thread-safe."""
+
+    def __init__(self, url: str | Path = "sqlite:///data/inspector.db", *, echo: bool = False):
+        url = str(url)
+        if "://" not in url:  # a plain path means a SQLite file
+            url = f"sqlite:///{Path(url).resolve()}"
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        if self.is_sqlite:
+            path = url.split(":///", 1)[1] if ":///" in url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            self._setup_sqlite(self.engine)
+        self._lock = threading.Lock()  # only guards migration at start-up
+        self.migrate()
+
+    # -- engine set-up --------------------------------------------------------------------------
+    @staticmethod
+    def _setup_sqlite(engine: Engine) -> None:
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            immediate = conn.get_execution_options().get("write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    def _write(self):
+        """A connection whose transaction takes the write lock up front (SQLite)."""
+        return self.engine.connect().execution_options(write=True)
+
+    def migrate(self) -> int:
+        """Bring the schema to :data:`SCHEMA_VERSION`; returns the version found before."""
+        with self._lock, self._write() as conn, conn.begin():
+            if conn.dialect.name == "postgresql":  # serialise concurrent start-ups (SQLite: BEGIN IMMEDIATE)
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7274001)")
+            schema_version.create(conn, checkfirst=True)
+            current = conn.execute(select(func.max(schema_version.c.version))).scalar() or 0
+            if current == 0 and inspect(conn).has_table("inspections"):
+                current = 1  # created before versioning: treat as v1
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(f"database schema v{current} is newer than this inspector (v{SCHEMA_VERSION})")
+            for version, step in MIGRATIONS:
+                if version > current:
+                    step(conn)
+                    conn.execute(insert(schema_version).values(version=version, applied_at=utcnow()))
+        return current
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- inspections ----------------------------------------------------------------------------
+    @staticmethod
+    def _row(*, product, source, image_sha256=None, score=None, verdict=None, heatmap_path=None,
+             model_version=None, latency_ms=None, batch_id=None, error=None, created_at=None) -> dict:
+        if verdict is not None:
+            verdict = str(getattr(verdict, "value", verdict))
+        return {
+            "product": str(product),
+            "source": str(source),
+            "created_at": created_at or utcnow(),
+            "image_sha256": image_sha256,
+            "score": None if score is None else float(score),
+            "verdict": verdict,
+            "heatmap_path": None if heatmap_path is None else str(heatmap_path),
+            "model_version": model_version,
+            "latency_ms": None if latency_ms is None else float(latency_ms),
+            "batch_id": batch_id,
+            "error": error,
+        }
+
+    def record_inspection(self, *, product, source, image_sha256, score, verdict, heatmap_path=None,
+                          model_version, latency_ms=None, batch_id=None, error=None) -> int:
+        """Insert one inspection; returns its id."""
+        row = self._row(product=product, source=source, image_sha256=image_sha256, score=score,
+                        verdict=verdict, heatmap_path=heatmap_path, model_version=model_version,
+                        latency_ms=latency_ms, batch_id=batch_id, error=error)
+        with self._write() as conn, conn.begin():
+            return int(conn.execute(insert(inspections).values(**row)).inserted_primary_key[0])
+
+    def record_inspections(self, rows: Iterable[dict]) -> int:
+        """Insert many rows in ONE transaction (all or none); rows whose ``(batch_id, source)`` is
+        already recorded are skipped. Returns how many were inserted."""
+        rows = [self._row(**r) for r in rows]
+        if not rows:
+            return 0
+        with self._write() as conn, conn.begin():
+            stmt = self._insert_ignore(conn)
+            return sum(max(0, conn.execute(stmt, [r]).rowcount) for r in rows)
+
+    def _insert_ignore(self, conn: Connection):
+        name = conn.dialect.name
+        if name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        elif name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:  # other backends: plain insert, the unique constraint still refuses duplicates
+            return insert(inspections)
+        return dialect_insert(inspections).on_conflict_do_nothing(index_elements=["batch_id", "source"])
+
+    def set_decision(self, inspection_id: int, decision: str, operator: str | None = None) -> None:
+        """Record an operator's review ("accept" or "reject") of one inspection."""
+        decision = str(decision).lower()
+        if decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
+        with self._write() as conn, conn.begin():
+            res = conn.execute(update(inspections).where(inspections.c.id == int(inspection_id))
+                               .values(decision=decision, operator=operator, decided_at=utcnow()))
+            if res.rowcount == 0:
+                raise KeyError(f"no inspection with id {inspection_id}")
+
+    def get(self, inspection_id: int) -> dict:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(inspections).where(inspections.c.id == int(inspection_id))).mappings().first()
+        if row is None:
+            raise KeyError(f"no inspection with id {inspection_id}")
+        return self._out(row)
+
+    @staticmethod
+    def _out(row) -> dict:
+        d = dict(row)
+        for k in ("created_at", "decided_at"):
+            if k in d:
+                d[k] = _aware(d[k])
+        return d
+
+    def history(self, product: str | None = None, verdict: str | None = None, since: datetime | None = None,
+                limit: int | None = 200, batch_id: str | None = None, offset: int = 0) -> list[dict]:
+        """Newest first. ``verdict`` may be OK / UNCERTAIN / NG / ERROR; ``limit=None`` for all."""
+        q = select(inspections)
+        if product:
+            q = q.where(inspections.c.product == product)
+        if verdict:
+            q = q.where(inspections.c.verdict == str(getattr(verdict, "value", verdict)).upper())
+        if since is not None:
+            q = q.where(inspections.c.created_at >= since)
+        if batch_id:
+            q = q.where(inspections.c.batch_id == batch_id)
+        q = q.order_by(inspections.c.created_at.desc(), inspections.c.id.desc()).offset(offset)
+        if limit is not None:
+            q = q.limit(int(limit))
+        with self.engine.connect() as conn:
+            return [self._out(r) for r in conn.execute(q).mappings()]
+
+    def count(self, product: str | None = None, batch_id: str | None = None, verdict: str | None = None) -> int:
+        q = select(func.count()).select_from(inspections)
+        if product:
+            q = q.where(inspections.c.product == product)
+        if batch_id:
+            q = q.where(inspections.c.batch_id == batch_id)
+        if verdict:
+            q = q.where(inspections.c.verdict == verdict)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar() or 0)
+
+    def batch_sources(self, batch_id: str) -> set[str]:
+        """Sources already recorded for ``batch_id`` (what a resumed batch skips)."""
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(inspections.c.source).where(inspections.c.batch_id == batch_id)).scalars())
+
+    # -- audit trail ----------------------------------------------------------------------------
+    def audit(self, *, actor: str, action: str, product: str | None, details: dict | None = None) -> int:
+        row = {"created_at": utcnow(), "actor": str(actor or "unknown"), "action": str(action),
+               "product": product, "details": json.dumps(details or {}, sort_keys=True, default=str)}
+        with self._write() as conn, conn.begin():
+            return int(conn.execute(insert(audit).values(**row)).inserted_primary_key[0])
+
+    def audit_log(self, product: str | None = None, limit: int | None = 200) -> list[dict]:
+        q = select(audit)
+        if product:
+            q = q.where(audit.c.product == product)
+        q = q.order_by(audit.c.created_at.desc(), audit.c.id.desc())
+        if limit is not None:
+            q = q.limit(int(limit))
+        with self.engine.connect() as conn:
+            out = []
+            for r in conn.execute(q).mappings():
+                d = self._out(r)
+                d["details"] = json.loads(d["details"] or "{}")
+                out.append(d)
+            return out
+
+
+__all__ = ["DECISIONS", "MIGRATIONS", "SCHEMA_VERSION", "Store", "utcnow"]

@@ -1,0 +1,114 @@
+"""The inspection store: concurrency, migrations, batch uniqueness, audit trail."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import text
+
+from inspector import store as store_mod
+from inspector.store import SCHEMA_VERSION, Store
+
+
+def _row(i, **kw):
+    return dict(product="p", source=f"img-{i}", image_sha256="0" * 64, score=0.5, verdict="OK",
+                model_version="v1", **kw)
+
+
+def test_eight_concurrent_writer_threads_lose_no_rows(tmp_path):
+    st = Store(f"sqlite:///{tmp_path}/db.sqlite")
+    n_threads, per_thread = 8, 40
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n_threads)
+
+    def writer(t):
+        try:
+            barrier.wait()
+            for i in range(per_thread):
+                if i % 4 == 3:  # batch-style multi-row transactions interleaved with single rows
+                    st.record_inspections([_row(f"{t}-{i}-a", batch_id=f"b{t}"), _row(f"{t}-{i}-b", batch_id=f"b{t}")])
+                else:
+                    st.record_inspection(**_row(f"{t}-{i}"))
+                if i % 10 == 0:
+                    st.audit(actor=f"t{t}", action="test", product="p", details={"i": i})
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    per = per_thread // 4 * 2 + per_thread * 3 // 4
+    assert st.count() == n_threads * per
+    assert len({r["source"] for r in st.history(limit=None)}) == n_threads * per
+    assert len(st.audit_log(limit=None)) == n_threads * 4
+    # a second handle (another process would do the same) sees every row
+    assert Store(f"sqlite:///{tmp_path}/db.sqlite").count() == n_threads * per
+
+
+def test_sqlite_pragmas_and_schema(tmp_path):
+    st = Store(tmp_path / "x.db")  # a bare path means SQLite
+    with st.engine.connect() as c:
+        assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert c.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+    assert st.schema_version() == SCHEMA_VERSION
+    cols = {c["name"] for c in sa_inspect(st.engine).get_columns("inspections")}
+    assert {"product", "source", "created_at", "image_sha256", "score", "verdict", "heatmap_path", "model_version",
+            "latency_ms", "batch_id", "error", "decision", "operator", "decided_at"} <= cols
+
+
+def test_old_database_is_migrated_in_place(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path}/old.db"
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 1)
+    old = Store(url)
+    old.record_inspection(**_row(1))
+    assert old.schema_version() == 1
+    assert not any(ix["name"] == "ix_inspections_verdict" for ix in sa_inspect(old.engine).get_indexes("inspections"))
+    old.close()
+    monkeypatch.undo()
+    new = Store(url)
+    assert new.schema_version() == SCHEMA_VERSION
+    assert any(ix["name"] == "ix_inspections_verdict" for ix in sa_inspect(new.engine).get_indexes("inspections"))
+    assert new.count() == 1  # data kept
+
+
+def test_batch_rows_are_unique_per_source(tmp_path):
+    st = Store(f"sqlite:///{tmp_path}/db.sqlite")
+    rows = [_row(1, batch_id="B"), _row(2, batch_id="B")]
+    assert st.record_inspections(rows) == 2
+    assert st.record_inspections(rows + [_row(3, batch_id="B")]) == 1  # only the new one
+    assert st.record_inspections([_row(1, batch_id="C")]) == 1  # same file, other batch
+    assert st.batch_sources("B") == {"img-1", "img-2", "img-3"}
+    # rows without a batch (station inspections) may repeat a source
+    st.record_inspection(**_row(9))
+    st.record_inspection(**_row(9))
+    assert st.count(product="p") == 6
+
+
+def test_history_filters_decisions_and_audit(tmp_path):
+    st = Store(f"sqlite:///{tmp_path}/db.sqlite")
+    a = st.record_inspection(**_row(1))
+    st.record_inspection(product="q", source="x", image_sha256=None, score=None, verdict="ERROR",
+                         model_version="v", error="empty file")
+    c = st.record_inspection(**{**_row(3), "verdict": "NG"})
+    assert [r["id"] for r in st.history()] == [c, a + 1, a]  # newest first
+    assert [r["id"] for r in st.history(verdict="ng")] == [c]
+    assert st.history(product="q")[0]["error"] == "empty file"
+    assert st.history(since=datetime.now(UTC) + timedelta(hours=1)) == []
+    assert st.history(limit=1)[0]["created_at"].tzinfo is not None
+    st.set_decision(c, "reject", operator="ann")
+    row = st.get(c)
+    assert row["decision"] == "reject" and row["operator"] == "ann" and row["decided_at"] is not None
+    with pytest.raises(ValueError):
+        st.set_decision(c, "maybe")
+    with pytest.raises(KeyError):
+        st.set_decision(10_000, "accept")
+    st.audit(actor="eng", action="register", product="p", details={"shots": 2})
+    log = st.audit_log("p")
+    assert log[0]["details"] == {"shots": 2} and log[0]["actor"] == "eng"
