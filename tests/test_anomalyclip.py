@@ -305,3 +305,11 @@ def test_train_prompts_api_without_cache_matches_cached(bb, tmp_path):
     a, _ = read_checkpoint(r1.path)
     b, _ = read_checkpoint(r2.path)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_cli_defaults_match_the_detector_without_importing_torch_at_parse_time():
+    from inspector.commands import train
+    from inspector.detectors import anomalyclip
+
+    assert (train.DEFAULT_BACKBONE, train.N_CTX, train.T_N_CTX) == (
+        anomalyclip.DEFAULT_BACKBONE, anomalyclip.N_CTX, anomalyclip.T_N_CTX)

@@ -239,17 +239,16 @@ def test_few_shot_accuracy_on_brick_with_synthetic_defects(lite0, brick, shots, 
 
 
 def _save_maps(path, images, labels, masks, turns, results, backbone):
-    """Rows: image (defect outline in red) / GraphCore k=1 map / PatchCore k=1 map, shared scale."""
+    """Columns: 3 good then 6 defective test images (defect outline in red). Rows: image,
+    GraphCore k=1 map, PatchCore k=1 map; each map row on its own detector's colour scale, with
+    the image score written in the corner."""
     import cv2
 
     mean = np.asarray(backbone.preprocess.mean, np.float32)
     std = np.asarray(backbone.preprocess.std, np.float32)
     n = len(labels) // 2
-    pick = list(range(n - 3, n)) + list(range(n, n + 6))  # 3 good, 6 defective
-    gc, pc = results[("graphcore", 1)], results[("patchcore", 1)]
-    lo = float(min(gc.maps[pick].min(), pc.maps[pick].min()))
-    hi = float(max(gc.maps[pick].max(), pc.maps[pick].max()))
-    cols = []
+    pick = list(range(n - 3, n)) + list(range(n, n + 6))
+    rows = [[], [], []]
     for i in pick:
         rgb = np.clip((images[i].permute(1, 2, 0).numpy() * std + mean) * 255, 0, 255).astype(np.uint8)
         bgr = np.ascontiguousarray(rgb[..., ::-1])
@@ -257,11 +256,14 @@ def _save_maps(path, images, labels, masks, turns, results, backbone):
             mask = d4_apply(torch.from_numpy(masks[i - n]), int(turns[i])).numpy().astype(np.uint8)
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
             cv2.drawContours(bgr, contours, -1, (0, 0, 255), 1)
-        tiles = [bgr]
-        for res in (gc, pc):
+        rows[0].append(bgr)
+    for row, key in zip(rows[1:], (("graphcore", 1), ("patchcore", 1))):
+        res = results[key]
+        lo, hi = float(res.maps[pick].min()), float(res.maps[pick].max())
+        for i in pick:
             m = ((res.maps[i].numpy() - lo) / (hi - lo + 1e-12) * 255).astype(np.uint8)
             tile = cv2.applyColorMap(m, cv2.COLORMAP_JET)
-            cv2.putText(tile, f"{float(res.scores[i]):.2f}", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
-            tiles.append(tile)
-        cols.append(np.concatenate(tiles, 0))
-    cv2.imwrite(str(path), np.concatenate(cols, 1))
+            cv2.putText(tile, f"{key[0]} {float(res.scores[i]):.2f}", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
+                        (255, 255, 255), 1)
+            row.append(tile)
+    cv2.imwrite(str(path), np.concatenate([np.concatenate(r, 1) for r in rows], 0))

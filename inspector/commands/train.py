@@ -20,9 +20,12 @@ import argparse
 from collections.abc import Callable
 
 
-def _add_anomalyclip(sub: argparse._SubParsersAction) -> None:
-    from ..detectors.anomalyclip import DEFAULT_BACKBONE, N_CTX, T_N_CTX
+# Paper defaults, repeated here so that building the CLI parser does not import torch
+# (tests/test_anomalyclip.py checks they equal the detector module's constants).
+DEFAULT_BACKBONE, N_CTX, T_N_CTX = "clip/ViT-L-14-336", 12, 4
 
+
+def _add_anomalyclip(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "anomalyclip",
         help="learn AnomalyCLIP's object-agnostic normal/abnormal prompts on annotated (or generated) data",
