@@ -517,9 +517,14 @@ class DefectGen:
         m = _drop_specks(_fill_holes(m), max(2, c.min_pixels // 4))
         if int(m.sum()) < c.min_pixels:
             return None
-        if side != c.patch:
-            rgb = cv2.resize(rgb, (side, side), interpolation=cv2.INTER_LINEAR)
-            m = cv2.resize(m.astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST) > 0
+        if side != c.patch:  # back to the image's scale: interpolate the mask *channel*, not the mask
+            interp = cv2.INTER_CUBIC if side > c.patch else cv2.INTER_AREA
+            rgb = np.clip(cv2.resize(rgb, (side, side), interpolation=interp), 0, 255)
+            keep = cv2.resize(m.astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST) > 0
+            keep = cv2.dilate(keep.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+            mp = cv2.resize(mprob, (side, side), interpolation=cv2.INTER_LINEAR)
+            rg = cv2.resize(reg.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR) > 0.5
+            m = (mp > 0) & rg & keep
             if not m.any():
                 return None
         blended = img.astype(np.float32).copy()
