@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from .onnx import OnnxRunner, available_providers, map_to_image, select_providers
 
 RUNTIMES = ("torch", "onnx")
@@ -61,8 +62,11 @@ def load_runtime(target: Any, runtime: str = "onnx", *, registry=None, device: s
             runner = OnnxRunner(path, device=device, batch_size=batch_size)
             # The graph depends on the fitted model, not on the thresholds (those come from the
             # product each time), so a threshold change does not force a re-export.
+            # An upgrade of inspector may change how a detector scores; never reuse a graph
+            # exported by another version.
+            same_code = runner.meta.get("versions", {}).get("inspector") == __version__
             if runner.product == product.name and runner.meta.get("model_hash") == getattr(product, "model_hash", None) \
-                    and runner.meta.get("model_hash"):
+                    and runner.meta.get("model_hash") and same_code:
                 runner.thresholds = product.thresholds  # thresholds change without a refit
                 return runner
         except (ValueError, FileNotFoundError):
