@@ -202,7 +202,7 @@ def test_few_shot_accuracy_on_brick_with_synthetic_defects(lite0, brick, shots, 
     from inspector.synth.fallback import make_defect
 
     rng = np.random.default_rng(40)
-    n = 12
+    n = 16
     tests = crops(brick, rng, 2 * n)
     bad, masks = zip(*[make_defect(t, rng, area=(0.02, 0.1), min_mean_change=25) for t in tests[n:]])
     images = list(tests[:n]) + list(bad)
@@ -223,14 +223,14 @@ def test_few_shot_accuracy_on_brick_with_synthetic_defects(lite0, brick, shots, 
     pc = PatchCoreKNN(lite0).fit(shots[:1])
     results[("patchcore", 1)] = pc.score(rotated)
     auroc[("patchcore", 1)] = roc_auc_score(labels, results[("patchcore", 1)].scores.numpy())
-    auroc[("patchcore upright", 1)] = roc_auc_score(labels, pc.score(upright).scores.numpy())
+    auroc[("patchcore, upright test images", 1)] = roc_auc_score(labels, pc.score(upright).scores.numpy())
     ablation = GraphCore(lite0, graph=False).fit(shots[:1])
     auroc[("graphcore without graph stage", 1)] = roc_auc_score(
         labels, ablation.score_embeddings(raw, (SIZE, SIZE)).scores.numpy())
 
     print("\n[few-shot image AUROC, brick 128 px, test parts in random D4 orientation]")
     for (name, k), value in auroc.items():
-        print(f"  {name:32s} k={k}: {value:.3f}")
+        print(f"  {name:34s} k={k}: {value:.3f}")
     _save_maps(artifacts_dir / "graphcore_maps.png", rotated, labels, masks, turns, results, lite0)
 
     for k in (1, 2, 4):

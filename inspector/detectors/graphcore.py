@@ -28,12 +28,17 @@ What is invariant here, and why (read before relying on it):
   flipped maps (image scores equal up to float rounding). Non-square inputs use the subgroup
   {identity, rot180, both flips}. Cost: 8 backbone passes per image.
   With ``symmetrize=False`` the shots are augmented with all eight D4 transforms instead (the
-  paper's "feature augmentation"), which makes rotated test images *approximately* match.
+  paper's "feature augmentation"), which makes rotated test images only *approximately* match:
+  image scores move by up to about 10 % under D4 (tests), against 2e-7 with symmetrization.
 * The feature-space kNN graph (``neighbors`` K, self included as in Vision GNN) turns the
   max-relative half into a within-image context descriptor: for a normal texture patch the K
-  most similar patches of the same image are close, so ``max_j (x_j - x_i)`` is small; a defect
-  patch has no close twins and gets a large one. That is what the graph adds over PatchCore when
-  only one shot is available.
+  most similar patches of the same image are close, so ``max_j (x_j - x_i)`` is small; a patch
+  without close twins gets a large one. Measured honestly (brick, Lite0, 128 px, k=1, six
+  draws of 16 good + 16 defective images): with the graph stage 0.968 image AUROC, without it
+  0.968, with ``relative_weight`` 0.25/1.0 0.969/0.967. The graph is neutral on this data; the
+  gain over PatchCore (0.885 upright, 0.849 on rotated parts) comes from the D4-averaged
+  features and the augmented bank. ``relative_weight`` 2 hurt (0.70 vs 0.83 in an earlier
+  run without per-layer normalisation), hence the default 0.5.
 
 Trainable weights: none, by design. Vision GNN's update is a learned linear map; GraphCore uses
 pretrained weights. With 1-8 unlabelled normal shots the only self-supervised signal is
@@ -44,13 +49,19 @@ update is the identity with a fixed weight ``relative_weight`` on the relative h
 output is concatenated with the raw (locally averaged) patch features as the paper's residual
 Grapher combines them. The memory bank tensor is the whole fitted state (plus the JSON config).
 
-Memory bank: each shot gives ``views`` views (view 0 is the shot; the others are shifted by up
-to ``shift`` of the side with reflect padding and get a light brightness/contrast jitter, and,
-without symmetrization, cycle through D4). All node features are reduced with PatchCore's
-approximate greedy k-center coreset (random projection to ``coreset_dim``) to at most
-``memory_cap`` rows, whatever the number of shots. Patch scores (nearest-neighbour L2 distance,
-chunked matmuls) -> bilinear upsampling + Gaussian sigma=4 -> ``maps`` at input resolution;
-image score = max of the map (or the top-1% mean with ``reduce="top_mean"``).
+Patch features: by default the backbone's shallowest layer (Lite0 ``blocks.4``, native stride
+8), each layer's patch vector L2-normalised. On brick at 128 px this beat the two shallowest
+layers (0.968 vs 0.962 at k=1) and un-normalised concatenation; objects whose defects need
+more context may want ``layers=[...]`` with a deeper layer too.
+
+Memory bank: each shot gives ``views`` views (view 0 is the shot; the others are rotated by up
+to ``angle`` degrees and shifted by up to ``shift`` of the side, both with reflect padding, and
+get a light brightness/contrast jitter; without symmetrization they also cycle through D4).
+All node features are reduced with PatchCore's approximate greedy k-center coreset (random
+projection to ``coreset_dim`` when wider) to at most ``memory_cap`` rows, whatever the number of
+shots. Patch scores (nearest-neighbour L2 distance, chunked matmuls) -> bilinear upsampling +
+Gaussian sigma=4 -> ``maps`` at input resolution; image score = mean of the top 1 % of the map
+(``reduce="top_mean"``, default) or its maximum (``reduce="max"``).
 
 :class:`PatchCoreKNN` ("patchcore") is the in-run baseline: the same class with the graph stage,
 the symmetrization and the augmentation switched off — plain PatchCore on the same backbone.
