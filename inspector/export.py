@@ -539,7 +539,7 @@ class GraphCoreGraph(nn.Module):
 
     #: GraphCoreConfig fields this graph implements (scoring) or that only matter when fitting.
     SCORING_FIELDS = frozenset({"layers", "normalize", "graph", "neighbors", "relative_weight", "symmetrize",
-                                "border", "sigma", "reduce", "top_fraction"})
+                                "sigma", "reduce", "top_fraction"})
     FIT_FIELDS = frozenset({"views", "d4_views", "shift", "jitter", "angle", "memory_cap", "coreset_dim", "seed",
                             "batch"})
 
@@ -570,12 +570,8 @@ class GraphCoreGraph(nn.Module):
         self.register_buffer("memory_sqnorm", (memory * memory).sum(1), persistent=False)
 
     def features(self, images: Tensor) -> Tensor:
-        """``GraphCore._backbone_features`` on the whole batch: reflect border, D4-averaged layers."""
+        """``GraphCore.patch_features`` on the whole batch: D4-averaged, normalised layers."""
         group = self.symmetry_group(*images.shape[-2:]) if self.cfg.symmetrize else (0,)
-        border = int(self.cfg.border)
-        pad = border * self.backbone.stride
-        if pad:
-            images = nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect")
         batch = torch.cat([d4_apply(images, g) for g in group]) if len(group) > 1 else images
         feats = self.backbone._features(batch)
         parts = [feats[layer].float() for layer in self.layers]
@@ -585,8 +581,6 @@ class GraphCoreGraph(nn.Module):
         if len(group) > 1:
             views = f.reshape(len(group), -1, *f.shape[1:])  # [G,B,h,w,C], batch axis stays dynamic
             f = torch.stack([d4_invert(views[i], g, dims=(1, 2)) for i, g in enumerate(group)]).mean(0)
-        if border:
-            f = f[:, border:-border, border:-border]
         return f
 
     def graph_features(self, feats: Tensor) -> Tensor:
