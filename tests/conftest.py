@@ -54,3 +54,30 @@ def brick() -> np.ndarray:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def random_crops(image: np.ndarray, n: int, size: int = 96, seed: int = 0) -> list[np.ndarray]:
+    """``n`` square crops of ``image`` at seeded random positions."""
+    gen = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        y, x = gen.integers(0, image.shape[0] - size, 2)
+        out.append(np.ascontiguousarray(image[y:y + size, x:x + size]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def brick_crops(brick):
+    """``brick_crops(n, size=96, seed=0)``: seeded random crops of the brick texture."""
+    return lambda n, size=96, seed=0: random_crops(brick, n, size, seed)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread, here and in subprocesses (tests set OMP_NUM_THREADS=1 for those): tiny
+    models gain nothing from more, and on a loaded machine OpenMP spin-waiting makes 2 threads
+    10-100x slower. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

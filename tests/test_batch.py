@@ -14,7 +14,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from inspector.batch import batch_id_for, iter_files, run_batch
 from inspector.io import read_image, write_image
@@ -25,14 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread, here and in the subprocesses (OMP_NUM_THREADS): these tiny models gain
-    nothing from more, and on a loaded machine OpenMP spin-waiting makes 2 threads 10-100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _crop(brick, rng, size=64):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import random_crops
 
 from inspector import products as products_mod
 from inspector.io import write_image
@@ -22,23 +22,9 @@ from inspector.verdict import Thresholds, Verdict, calibrate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread, here and in the subprocesses (OMP_NUM_THREADS): these tiny models gain
-    nothing from more, and on a loaded machine OpenMP spin-waiting makes 2 threads 10-100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def crops(brick: np.ndarray, n: int, size: int = 96, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        y, x = rng.integers(0, brick.shape[0] - size, 2)
-        out.append(np.ascontiguousarray(brick[y:y + size, x:x + size]))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +33,7 @@ def station(tmp_path_factory):
 
 
 def test_register_then_new_process_gives_the_same_score(station, brick, tmp_path):
-    shots = crops(brick, 2)
+    shots = random_crops(brick, 2)
     prod = station.registry.register("brick-gc", shots, detector="graphcore", backbone="tiny-cnn", image_size=64,
                                      n_synthetic=4, actor="eng")
     test_img = np.ascontiguousarray(brick[200:300, 150:290])  # non-square: 100 x 140
@@ -71,7 +57,7 @@ def test_register_then_new_process_gives_the_same_score(station, brick, tmp_path
 
 def test_calibration_uses_held_out_scores_and_generated_defects(station, brick):
     k, n_syn = 3, 5
-    prod = station.registry.register("brick-cal", crops(brick, k, seed=1), detector="patchcore",
+    prod = station.registry.register("brick-cal", random_crops(brick, k, seed=1), detector="patchcore",
                                      backbone="tiny-cnn", image_size=64, n_synthetic=n_syn)
     cal = prod.calibration
     assert len(cal["normal_scores"]) == k * (1 + N_VIEWS)  # leave-one-out shot + views, per fold
@@ -79,18 +65,18 @@ def test_calibration_uses_held_out_scores_and_generated_defects(station, brick):
     assert min(cal["normal_scores"]) > 0  # held out: not the memory bank's own patches
     assert prod.thresholds == calibrate(cal["normal_scores"], cal["defect_scores"])
     assert cal["auto_thresholds"] == prod.thresholds.to_dict()
-    single = station.registry.register("brick-one", crops(brick, 1, seed=2), detector="patchcore",
+    single = station.registry.register("brick-one", random_crops(brick, 1, seed=2), detector="patchcore",
                                        backbone="tiny-cnn", image_size=64, n_synthetic=2)
     assert len(single.calibration["normal_scores"]) == N_VIEWS and min(single.calibration["normal_scores"]) > 0
 
 
 def test_update_thresholds_add_shots_delete_with_audit(station, brick):
     reg = station.registry
-    prod = reg.register("life", crops(brick, 2, seed=3), detector="patchcore", backbone="tiny-cnn",
+    prod = reg.register("life", random_crops(brick, 2, seed=3), detector="patchcore", backbone="tiny-cnn",
                         image_size=64, n_synthetic=2, actor="eng")
     state = prod.path / f"state-{prod.model_hash}.safetensors"
     mtime = state.stat().st_mtime_ns
-    img = crops(brick, 1, seed=4)[0]
+    img = random_crops(brick, 1, seed=4)[0]
     before = prod.inspect(img)[0].score
 
     new = reg.set_thresholds("life", Thresholds(before * 2, before * 3), actor="qa")
@@ -99,11 +85,11 @@ def test_update_thresholds_add_shots_delete_with_audit(station, brick):
     again = new.inspect(img)[0]
     assert again.score == pytest.approx(before, rel=1e-6) and again.verdict is Verdict.OK
 
-    grown = reg.add_shots("life", crops(brick, 1, seed=5), actor="eng")
+    grown = reg.add_shots("life", random_crops(brick, 1, seed=5), actor="eng")
     assert grown.shots == 3 and len(grown.shot_files) == 3 and grown.model_hash != prod.model_hash
     assert not state.exists()  # old state removed after the commit
     with pytest.raises(ValueError, match="already registered"):
-        reg.add_shots("life", crops(brick, 1, seed=5))
+        reg.add_shots("life", random_crops(brick, 1, seed=5))
 
     assert "life" in [p.name for p in reg.list()]
     reg.delete("life", actor="eng")
@@ -117,9 +103,9 @@ def test_update_thresholds_add_shots_delete_with_audit(station, brick):
 
 def test_a_crash_during_an_update_leaves_the_old_product(station, brick, monkeypatch):
     reg = station.registry
-    prod = reg.register("crashy", crops(brick, 2, seed=6), detector="patchcore", backbone="tiny-cnn",
+    prod = reg.register("crashy", random_crops(brick, 2, seed=6), detector="patchcore", backbone="tiny-cnn",
                         image_size=64, n_synthetic=2)
-    img = crops(brick, 1, seed=7)[0]
+    img = random_crops(brick, 1, seed=7)[0]
     score = prod.inspect(img)[0].score
     real = products_mod.atomic_write_json
 
@@ -130,7 +116,7 @@ def test_a_crash_during_an_update_leaves_the_old_product(station, brick, monkeyp
 
     monkeypatch.setattr(products_mod, "atomic_write_json", dying)
     with pytest.raises(OSError, match="power cut"):
-        reg.add_shots("crashy", crops(brick, 1, seed=8))
+        reg.add_shots("crashy", random_crops(brick, 1, seed=8))
     monkeypatch.undo()
     reg._runtimes.clear()  # as a fresh process would
     same = reg.get("crashy")
@@ -139,10 +125,10 @@ def test_a_crash_during_an_update_leaves_the_old_product(station, brick, monkeyp
 
 
 def test_musc_product_scores_with_its_reference_shots(station, brick):
-    prod = station.registry.register("brick-musc", crops(brick, 3, seed=9), detector="musc", backbone="tiny-cnn",
+    prod = station.registry.register("brick-musc", random_crops(brick, 3, seed=9), detector="musc", backbone="tiny-cnn",
                                      image_size=64, n_synthetic=3)
     assert prod.registration["mode"] == "mutual"
-    imgs = crops(brick, 2, seed=10)
+    imgs = random_crops(brick, 2, seed=10)
     res = prod.inspect(imgs)
     assert len(res) == 2 and all(np.isfinite(r.score) for r in res) and res[0].map.shape == (96, 96)
     # one at a time gives the same as together: each image is scored only with the references
@@ -154,14 +140,14 @@ def test_musc_product_scores_with_its_reference_shots(station, brick):
 def test_registration_errors_are_clear(station, brick):
     reg = station.registry
     with pytest.raises(ValueError, match="invalid product name"):
-        reg.register("../evil", crops(brick, 1), backbone="tiny-cnn")
+        reg.register("../evil", random_crops(brick, 1), backbone="tiny-cnn")
     with pytest.raises(ValueError, match="at least one"):
         reg.register("empty", [], backbone="tiny-cnn")
-    reg.register("dup", crops(brick, 1), detector="patchcore", backbone="tiny-cnn", image_size=64, n_synthetic=1)
+    reg.register("dup", random_crops(brick, 1), detector="patchcore", backbone="tiny-cnn", image_size=64, n_synthetic=1)
     with pytest.raises(ProductExists):
-        reg.register("dup", crops(brick, 1), detector="patchcore", backbone="tiny-cnn", image_size=64)
+        reg.register("dup", random_crops(brick, 1), detector="patchcore", backbone="tiny-cnn", image_size=64)
     with pytest.raises(KeyError, match="unknown detector"):
-        reg.register("nodet", crops(brick, 1), detector="nope", backbone="tiny-cnn")
+        reg.register("nodet", random_crops(brick, 1), detector="nope", backbone="tiny-cnn")
     assert not reg.exists("nodet")
 
 
@@ -169,7 +155,7 @@ def test_cli_register_products_and_history(station, brick, tmp_path, capsys):
     from inspector.cli import main
 
     d = ["--data-dir", str(station.data_dir)]
-    shots = [write_image(tmp_path / f"s{i}.png", im) for i, im in enumerate(crops(brick, 2, seed=11))]
+    shots = [write_image(tmp_path / f"s{i}.png", im) for i, im in enumerate(random_crops(brick, 2, seed=11))]
     assert main(["register", "cli-p", str(tmp_path), "--detector", "patchcore", "--backbone", "tiny-cnn",
                  "--image-size", "64", "--n-synthetic", "2", "--actor", "eng", *d]) == 0
     assert "registered cli-p: patchcore on tiny-cnn @ 64px, 2 shot(s)" in capsys.readouterr().out

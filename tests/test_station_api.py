@@ -8,8 +8,8 @@ import socket
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
+from conftest import random_crops
 
 from inspector.config import StationConfig, check_password, hash_password
 from inspector.io import write_image
@@ -23,13 +23,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _crops(brick: np.ndarray, n: int, size: int = 96, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        y, x = rng.integers(0, brick.shape[0] - size, 2)
-        out.append(np.ascontiguousarray(brick[y:y + size, x:x + size]))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +33,10 @@ def served(tmp_path_factory, brick):
 
     tmp = tmp_path_factory.mktemp("station-api")
     station = Station(tmp / "data")
-    station.registry.register(PRODUCT, _crops(brick, 2), detector="graphcore", backbone="tiny-cnn",
+    station.registry.register(PRODUCT, random_crops(brick, 2), detector="graphcore", backbone="tiny-cnn",
                               actor="test", n_synthetic=4)
     images = []
-    for i, img in enumerate(_crops(brick, 8, seed=1)):
+    for i, img in enumerate(random_crops(brick, 8, seed=1)):
         if i % 2:  # every other image gets a dark scratch
             img = img.copy()
             img[40:46, 10:80] = 20

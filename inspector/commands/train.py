@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-
 # Paper defaults, repeated here so that building the CLI parser does not import torch
 # (tests/test_anomalyclip.py checks they equal the detector module's constants).
 DEFAULT_BACKBONE, N_CTX, T_N_CTX = "clip/ViT-L-14-336", 12, 4
