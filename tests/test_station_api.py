@@ -4,25 +4,16 @@ safety (auth, allowed batch roots, zip limits) is enforced by the app."""
 
 from __future__ import annotations
 
-import socket
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import random_crops
+from conftest import free_port, random_crops
 
 from inspector.config import StationConfig, check_password, hash_password
 from inspector.io import write_image
 
 PRODUCT = "brick-api"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 
 
 @pytest.fixture(scope="module")

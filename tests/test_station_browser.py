@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import free_port
 
 from inspector.io import write_image
 from inspector.store import Store
@@ -40,12 +40,6 @@ def _need(what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"browser test cannot run in CI: {msg}")
     pytest.skip(msg)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
