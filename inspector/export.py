@@ -25,7 +25,7 @@ What is exported:
 Detectors own their scoring: a detector may provide ``export_module() -> nn.Module`` (images ->
 ``(maps, scores)``) built from its own tensors and its own torch code; that is always preferred.
 Otherwise an adapter here wraps the fitted detector's own state and functions, rewriting only
-what does not trace (batch-chunk loops, ``rot90``, torch_geometric's scatter-max) as the same
+what does not trace (batch-chunk loops, torch_geometric's scatter-max) as the same
 arithmetic; an adapter refuses a detector configuration option it does not know.
 
 The exporter uses the legacy TorchScript-based ``torch.onnx.export(..., dynamo=False)`` with an
@@ -503,35 +503,10 @@ def read_sidecar(onnx_path: str | os.PathLike) -> dict[str, Any]:
 #
 # These wrap a fitted detector's own state (memory bank, config, relative weight) and its own
 # functions where those trace as they are (patch_to_pixel, top_mean). Where the torch code loops
-# over batch chunks (``Tensor.split``) or uses ops without an ONNX symbolic (``rot90``, torch_geometric
-# scatter-max), the same arithmetic is written in trace-friendly form: exact permutations for D4,
-# gather + max for max-relative aggregation, the same ``|q|^2 - 2 q.m + |m|^2`` distances. The parity
+# over batch chunks (``Tensor.split``) or uses ops without an ONNX symbolic (torch_geometric
+# scatter-max), the same arithmetic is written in trace-friendly form (D4 uses GraphCore's own
+# d4_apply/d4_invert, which are traceable), gather + max for max-relative aggregation, the same ``|q|^2 - 2 q.m + |m|^2`` distances. The parity
 # check at export time and tests/test_export.py hold the two paths together.
-
-
-def rot90(x: Tensor, k: int, dims: tuple[int, int]) -> Tensor:
-    """``torch.rot90`` from flips and a transpose (no ONNX symbolic for rot90); exact permutation."""
-    a, b = dims
-    k %= 4
-    if k == 0:
-        return x
-    if k == 1:
-        return x.flip(b).transpose(a, b)
-    if k == 2:
-        return x.flip(a).flip(b)
-    return x.transpose(a, b).flip(b)
-
-
-def d4_apply(x: Tensor, g: int, dims: tuple[int, int] = (-2, -1)) -> Tensor:
-    """Same element order as :func:`inspector.detectors.graphcore.d4_apply`: flip if g >= 4, then rotate."""
-    if g >= 4:
-        x = x.flip(dims[1])
-    return rot90(x, g % 4, dims)
-
-
-def d4_invert(x: Tensor, g: int, dims: tuple[int, int] = (-2, -1)) -> Tensor:
-    x = rot90(x, -(g % 4), dims)
-    return x.flip(dims[1]) if g >= 4 else x
 
 
 class GraphCoreGraph(nn.Module):
@@ -547,7 +522,7 @@ class GraphCoreGraph(nn.Module):
         super().__init__()
         import dataclasses
 
-        from .detectors.graphcore import symmetry_group
+        from .detectors.graphcore import d4_apply, d4_invert, symmetry_group
 
         unknown = {f.name for f in dataclasses.fields(detector.config)} - self.SCORING_FIELDS - self.FIT_FIELDS
         if unknown:
@@ -565,6 +540,7 @@ class GraphCoreGraph(nn.Module):
         self.map_pixels = int(detector.backbone.preprocess.size) ** 2  # the graph's fixed input side
         self.relative_weight = float(detector.conv.relative_weight)
         self.symmetry_group = symmetry_group
+        self.d4_apply, self.d4_invert = d4_apply, d4_invert
         memory = detector.memory.detach().float()
         self.register_buffer("memory", memory, persistent=False)
         self.register_buffer("memory_sqnorm", (memory * memory).sum(1), persistent=False)
@@ -572,7 +548,7 @@ class GraphCoreGraph(nn.Module):
     def features(self, images: Tensor) -> Tensor:
         """``GraphCore.patch_features`` on the whole batch: D4-averaged, normalised layers."""
         group = self.symmetry_group(*images.shape[-2:]) if self.cfg.symmetrize else (0,)
-        batch = torch.cat([d4_apply(images, g) for g in group]) if len(group) > 1 else images
+        batch = torch.cat([self.d4_apply(images, g) for g in group]) if len(group) > 1 else images
         feats = self.backbone._features(batch)
         parts = [feats[layer].float() for layer in self.layers]
         if self.cfg.normalize:
@@ -580,7 +556,7 @@ class GraphCoreGraph(nn.Module):
         f = torch.cat(parts, dim=-1)
         if len(group) > 1:
             views = f.reshape(len(group), -1, *f.shape[1:])  # [G,B,h,w,C], batch axis stays dynamic
-            f = torch.stack([d4_invert(views[i], g, dims=(1, 2)) for i, g in enumerate(group)]).mean(0)
+            f = torch.stack([self.d4_invert(views[i], g, dims=(1, 2)) for i, g in enumerate(group)]).mean(0)
         return f
 
     def graph_features(self, feats: Tensor) -> Tensor:

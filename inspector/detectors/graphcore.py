@@ -99,17 +99,30 @@ def symmetry_group(height: int, width: int) -> tuple[int, ...]:
     return D4 if height == width else KLEIN
 
 
+def rot90(x: Tensor, k: int, dims: tuple[int, int]) -> Tensor:
+    """``torch.rot90`` from flips and a transpose: the same exact permutation, and it traces to
+    ONNX (which has no rot90 symbolic), so the exported graph uses this very function."""
+    a, b = dims
+    k %= 4
+    if k == 0:
+        return x
+    if k == 1:
+        return x.flip(b).transpose(a, b)
+    if k == 2:
+        return x.flip(a).flip(b)
+    return x.transpose(a, b).flip(b)
+
+
 def d4_apply(x: Tensor, g: int, dims: tuple[int, int] = (-2, -1)) -> Tensor:
-    """Apply D4 element ``g`` to ``x`` over ``dims`` (rows, columns)."""
+    """Apply D4 element ``g`` to ``x`` over ``dims`` (rows, columns): flip if g >= 4, then rotate."""
     if g >= 4:
         x = x.flip(dims[1])
-    return torch.rot90(x, g % 4, dims=dims) if g % 4 else x
+    return rot90(x, g % 4, dims)
 
 
 def d4_invert(x: Tensor, g: int, dims: tuple[int, int] = (-2, -1)) -> Tensor:
     """Undo :func:`d4_apply`: ``d4_invert(d4_apply(x, g), g) == x``."""
-    if g % 4:
-        x = torch.rot90(x, -(g % 4), dims=dims)
+    x = rot90(x, -(g % 4), dims)
     return x.flip(dims[1]) if g >= 4 else x
 
 
