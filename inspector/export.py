@@ -606,8 +606,8 @@ def _graphcore_adapter(detector) -> nn.Module:
 class AnomalyCLIPGraph(nn.Module):
     """AnomalyCLIP scoring with the two prompt-text embeddings folded in as a constant ``[2,E]``.
 
-    The image side runs the detector's own :class:`~inspector.detectors.anomalyclip.ClipVisual`
-    (DPAM V-V path included) and its own ``probabilities``; the text encoder is not in the graph.
+    The image side runs the detector's own shared backbone pass (:func:`~inspector.detectors.anomalyclip.run_visual`,
+    DPAM V-V path included), its own ``probabilities`` and ``anomaly_outputs``; the text encoder is not in the graph.
     """
 
     def __init__(self, detector):
@@ -619,23 +619,16 @@ class AnomalyCLIPGraph(nn.Module):
         self.register_buffer("text", text, persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        from .detectors.anomalyclip import AnomalyCLIP, ClipVisual
-        from .detectors.base import gaussian_blur
+        from .detectors.anomalyclip import AnomalyCLIP, anomaly_outputs, run_visual
 
         cfg = self.config
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        out = ClipVisual(self.backbone.model.visual, cfg.feature_layers, cfg.dpam_start)(images)
+        out = run_visual(self.backbone, cfg, images)
         g = nn.functional.normalize(out.global_embedding.float(), dim=-1)
         patches = [nn.functional.normalize(p.float(), dim=-1) for p in out.patch_tokens]
         # The detector's own probabilities(): it reads only ``self.config``.
         logits, maps = AnomalyCLIP.probabilities(self, g, patches, out.grid, self.text, size)
-        # Same reduction as AnomalyCLIP.score (without its batch chunk loop).
-        amap = torch.stack([m[:, 1] for m in maps]).mean(0)
-        amap = gaussian_blur(amap.float(), cfg.sigma).clamp(0.0, 1.0)
-        p_global = logits.float().softmax(-1)[:, 1]
-        w = cfg.map_weight
-        scores = ((1 - w) * p_global + w * amap.flatten(1).amax(1)).clamp(0.0, 1.0)
-        return amap, scores
+        return anomaly_outputs(cfg, logits, maps)
 
 
 @register_adapter("anomalyclip")

@@ -24,6 +24,7 @@ from inspector.detectors.anomalyclip import (
     focal_loss,
     load_train_state,
     read_checkpoint,
+    run_visual,
     scan_mvtec,
     train_prompts,
 )
@@ -113,11 +114,11 @@ def test_deep_tokens_replace_positions_in_the_first_layers(bb):
 
 
 def test_dpam_changes_patch_tokens_not_global_embedding(bb, images):
-    det = AnomalyCLIP(bb)
-    plain = AnomalyCLIP(bb, dpam_start=None)
+    det = AnomalyCLIP(bb, preset="project")
+    plain = AnomalyCLIP(bb, preset="project", dpam_start=None)
     assert det.config.dpam_start == det.config.feature_layers[0] == 0
     with torch.no_grad():
-        out, out0 = det.visual(images), plain.visual(images)
+        out, out0 = run_visual(bb, det.config, images), run_visual(bb, plain.config, images)
         ref = bb.model.encode_image(images)
         feats = bb(images)
     assert torch.equal(out.global_embedding, ref)
@@ -290,7 +291,8 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert [h["epoch"] for h in hist] == [1, 2, 3] and hist[-1]["loss"] < hist[0]["loss"]
     # the trained prompts load as a detector (backbone by name from the checkpoint)
     det = AnomalyCLIP.load(full, device="cpu")
-    assert det.config.training["samples"] == 6 and det.config.image_size == 64
+    # official preset: the test split only (1 good + 4 defects; the train/good image is not used)
+    assert det.config.training["samples"] == 5 and det.config.image_size == 64
     # nothing to do when already trained that far
     assert main(common + ["--out", str(part), "--epochs", "3", "--resume"]) == 0
     assert "nothing to do" in capsys.readouterr().out

@@ -83,7 +83,8 @@ def describe(name: str) -> BackboneInfo:
             present, where = True, str(path)
         except MissingWeightsError:
             fname = vit.CLIP_WEIGHTS.get(arch, (f"{arch}.pt", ""))[0]
-            present, where = False, str(models_dir() / "clip" / fname)
+            where = f"{models_dir() / 'clip' / (arch + '.safetensors')} (`inspector weights import {fname}`)"
+            present = False
         if not present:
             return BackboneInfo(name, "ClipBackbone", (), {}, 14 if "14" in arch else 16, 0, where, False)
     if name.startswith("dinov2/") and name != "dinov2/tiny":

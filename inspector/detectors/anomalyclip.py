@@ -87,16 +87,22 @@ class AnomalyCLIPConfig:
     dpam_start: int | None = None  # 0-based block where the V-V path starts; None = no DPAM
     temperature: float = TEMPERATURE
     sigma: float = 4.0
-    map_weight: float = 0.5
+    map_weight: float = 0.0
     normal_text: str = "object"
     abnormal_text: str = "damaged object"
-    image_size: int | None = None  # training resolution (informative; any size works)
+    image_size: int | None = None  # training / official resolution (any size works at inference)
     seed: int = 0
+    pos_interp: str = "bilinear"  # positional-embedding interpolation (official: bilinear)
+    global_ln_post: bool = False  # official: global embedding = CLS @ proj, without ln_post
+    map_loss_weight: float = MAP_LOSS_WEIGHT
+    train_splits: tuple[str, ...] = ("test",)  # official: the test split of the auxiliary set
+    preset: str = "official"
     training: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["feature_layers"] = list(self.feature_layers)
+        d["train_splits"] = list(self.train_splits)
         d["format"] = FORMAT
         return d
 
@@ -107,8 +113,35 @@ class AnomalyCLIPConfig:
             raise ValueError(f"not an AnomalyCLIP prompt checkpoint (format {fmt!r}, expected {FORMAT!r})")
         known = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in d.items() if k in known}
+        if "preset" not in d:  # written before presets existed: the behaviour it was trained with
+            kw.update({k: v for k, v in PRESETS["project"].items() if k in known and k not in d
+                       and k not in ("feature_layers", "dpam_start")})
+            kw["preset"] = "project"
         kw["feature_layers"] = tuple(int(i) for i in kw.get("feature_layers", ()))
+        kw["train_splits"] = tuple(kw.get("train_splits", ("test",)))
         return cls(**kw)
+
+
+# ``official``: zqhang/AnomalyCLIP as in its test.sh/train.sh (features_list 24, image_size 518,
+# DPAM_layer 20, bilinear position interpolation, image score = global text probability only,
+# global embedding without ln_post, prompts trained on the auxiliary set's test split, map loss x4).
+# ``project``: this repository's earlier choices (4 layers averaged, DPAM from the first feature
+# layer, bicubic, ln_post kept, 0.5 global + 0.5 map max, train+test). Not measured better: options.
+PRESETS: dict[str, dict[str, Any]] = {
+    "official": {"feature_layers": "last", "dpam_start": "official", "pos_interp": "bilinear",
+                 "global_ln_post": False, "map_weight": 0.0, "sigma": 4.0, "map_loss_weight": MAP_LOSS_WEIGHT,
+                 "train_splits": ("test",)},
+    "project": {"feature_layers": "even", "dpam_start": "auto", "pos_interp": "bicubic",
+                "global_ln_post": True, "map_weight": 0.5, "sigma": 4.0, "map_loss_weight": MAP_LOSS_WEIGHT,
+                "train_splits": ("train", "test")},
+}
+OFFICIAL_DPAM_LAYER = 20  # official DPAM_layer: blocks [-1 .. -(DPAM_layer-1)] get the V-V path
+OFFICIAL_IMAGE_SIZE = 518  # official test/train resolution for ViT-L/14@336px
+
+
+def official_dpam_start(depth: int) -> int:
+    """0-based first DPAM block of the official ``DAPM_replace(DPAM_layer=20)``: the last 19 blocks."""
+    return max(0, depth - (OFFICIAL_DPAM_LAYER - 1))
 
 
 def default_depth(text_layers: int) -> int:
@@ -195,104 +228,50 @@ def encode_text_deep(model: nn.Module, embeds: Tensor, tokens: Tensor, deep: Seq
     return x
 
 
-def vv_attention(blk: nn.Module, a: Tensor) -> Tensor:
-    """V-V self-attention of one open_clip block on its (already ``ln_1``-normalised) input.
-
-    Uses the block's value projection and output projection: ``out(softmax(V V^T/sqrt(d)) V)``
-    per head. ``a`` is ``[B, N, C]``. Nothing of the block is modified.
-    """
-    attn = blk.attn
-    if not isinstance(attn, nn.MultiheadAttention):
-        raise TypeError(f"DPAM needs nn.MultiheadAttention blocks, got {type(attn).__name__}")
-    b, n, c = a.shape
-    heads = attn.num_heads
-    if attn._qkv_same_embed_dim:
-        w_v = attn.in_proj_weight[2 * c:]
-    else:
-        w_v = attn.v_proj_weight
-    b_v = attn.in_proj_bias[2 * c:] if attn.in_proj_bias is not None else None
-    v = F.linear(a, w_v, b_v).view(b, n, heads, c // heads).transpose(1, 2)
-    o = F.scaled_dot_product_attention(v, v, v)
-    o = o.transpose(1, 2).reshape(b, n, c)
-    return F.linear(o, attn.out_proj.weight, attn.out_proj.bias)
-
-
 @dataclass
 class VisualOutput:
-    """Global embedding ``[B, E]`` (= ``encode_image``), projected patch tokens per feature layer
-    ``[B, h*w, E]`` (not normalised) and the patch grid."""
+    """Global embedding ``[B, E]``, projected patch tokens per feature layer ``[B, h*w, E]`` (not
+    normalised) and the patch grid."""
 
     global_embedding: Tensor
     patch_tokens: list[Tensor]
     grid: tuple[int, int]
 
 
-class ClipVisual:
-    """Forward over ``model.visual`` with a DPAM V-V side path and any input size.
+def pass_spec(config: AnomalyCLIPConfig) -> dict[str, Any]:
+    """What AnomalyCLIP needs from the shared :meth:`ClipBackbone.run`."""
+    dpam = config.dpam_start
+    return {"dpam_start": dpam, "vv_layers": tuple(config.feature_layers) if dpam is not None else (),
+            "layers": () if dpam is not None else tuple(config.feature_layers), "pos_interp": config.pos_interp}
 
-    The shared module is only *called* (``conv1``, ``ln_pre``, each block, ``ln_post``); its
-    weights are read, never replaced. Positional embeddings are interpolated (bicubic, like
-    open_clip's ``resize_pos_embed``) to the input's patch grid and cached per grid.
+
+def visual_output(backbone: PatchBackbone, config: AnomalyCLIPConfig, out) -> VisualOutput:
+    """AnomalyCLIP's image side from a shared pass (:class:`~inspector.backbone.vit.ClipPass`).
+
+    Patch tokens: the V-V path (or, without DPAM, the residual stream) of each feature layer
+    through ``ln_post`` + ``proj``; global: the final CLS through ``proj`` (``ln_post`` only with
+    ``global_ln_post``, as ``encode_image``; the official code drops it).
     """
+    src = out.vv if config.dpam_start is not None else out.tokens
+    patches = [backbone.project_tokens(src[i][:, 1:]) for i in config.feature_layers]
+    g = backbone.global_embedding(out.cls, ln_post=config.global_ln_post)
+    return VisualOutput(g, patches, out.grid)
 
-    def __init__(self, visual: nn.Module, feature_layers: Sequence[int], dpam_start: int | None):
-        if getattr(visual, "attn_pool", None) is not None:
-            raise TypeError("attentional-pool CLIP towers (CoCa) are not supported by AnomalyCLIP")
-        depth = len(visual.transformer.resblocks)
-        if not feature_layers or min(feature_layers) < 0 or max(feature_layers) >= depth:
-            raise ValueError(f"feature layers {tuple(feature_layers)} out of range for {depth} blocks")
-        if dpam_start is not None and not 0 <= dpam_start < depth:
-            raise ValueError(f"dpam_start {dpam_start} out of range for {depth} blocks")
-        self.visual = visual
-        self.feature_layers = tuple(int(i) for i in feature_layers)
-        self.dpam_start = dpam_start
-        self._pos_cache: dict[tuple, Tensor] = {}
 
-    def pos_embed(self, h: int, w: int) -> Tensor:
-        pos = self.visual.positional_embedding
-        gh, gw = self.visual.grid_size
-        if (h, w) == (gh, gw):
-            return pos
-        key = (h, w, pos.device, pos.dtype, pos._version)
-        if key not in self._pos_cache:
-            with torch.no_grad():
-                cls_pos, grid_pos = pos[:1], pos[1:]
-                grid_pos = grid_pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).float()
-                grid_pos = F.interpolate(grid_pos, size=(h, w), mode="bicubic", align_corners=False)
-                grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(h * w, -1).to(pos.dtype)
-                self._pos_cache = {key: torch.cat([cls_pos, grid_pos])}  # keep only the latest grid
-        return self._pos_cache[key]
+def run_visual(backbone: PatchBackbone, config: AnomalyCLIPConfig, images: Tensor) -> VisualOutput:
+    """One visual forward of ``images`` with AnomalyCLIP's pass spec."""
+    return visual_output(backbone, config, backbone.run(images, **pass_spec(config)))
 
-    def __call__(self, x: Tensor) -> VisualOutput:
-        v = self.visual
-        t = v.conv1(x)
-        b, c, h, w = t.shape
-        t = t.reshape(b, c, h * w).permute(0, 2, 1)
-        t = torch.cat([v.class_embedding.view(1, 1, -1).expand(b, -1, -1).to(t.dtype), t], dim=1)
-        t = t + self.pos_embed(h, w).to(t.dtype)
-        t = v.patch_dropout(t)
-        t = v.ln_pre(t)
 
-        tr = v.transformer
-        batch_first = getattr(tr, "batch_first", True)
-        side: Tensor | None = None  # the V-V path
-        outs: list[Tensor] = []
-        last = max(self.feature_layers)
-        for i, blk in enumerate(tr.resblocks):
-            if self.dpam_start is not None and i >= self.dpam_start and i <= last:
-                y = blk.ls_1(vv_attention(blk, blk.ln_1(t)))
-                side = (t if side is None else side) + y
-            t = blk(t) if batch_first else blk(t.transpose(0, 1)).transpose(0, 1)
-            if i in self.feature_layers:
-                outs.append(side if side is not None else t)
-
-        pooled, _ = v._pool(t)
-        if v.proj is not None:
-            pooled = pooled @ v.proj
-        patches = [v.ln_post(o[:, 1:]) for o in outs]
-        if v.proj is not None:
-            patches = [p @ v.proj for p in patches]
-        return VisualOutput(pooled, patches, (h, w))
+def anomaly_outputs(config: AnomalyCLIPConfig, logits: Tensor, maps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Map ``[B,H,W]`` (anomaly channel averaged over layers, Gaussian ``sigma``) and image score
+    ``(1 - map_weight) * p_anomalous(global) + map_weight * max(map)`` (official: weight 0)."""
+    amap = torch.stack([m[:, 1] for m in maps]).mean(0)
+    amap = gaussian_blur(amap.float(), config.sigma).clamp(0.0, 1.0)
+    p_global = logits.float().softmax(-1)[:, 1]
+    w = config.map_weight
+    scores = p_global if w == 0 else (1 - w) * p_global + w * amap.flatten(1).amax(1)
+    return amap, scores.clamp(0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +299,7 @@ def dice_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def anomalyclip_loss(prob_maps: Sequence[Tensor], masks: Tensor, has_mask: Tensor, logits: Tensor,
-                     labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                     labels: Tensor, map_loss_weight: float = MAP_LOSS_WEIGHT) -> tuple[Tensor, Tensor, Tensor]:
     """``(total, map_loss, image_loss)``; map terms only over samples with ``has_mask``."""
     image_loss = F.cross_entropy(logits.float(), labels.long())
     map_loss = logits.new_zeros(())
@@ -330,7 +309,7 @@ def anomalyclip_loss(prob_maps: Sequence[Tensor], masks: Tensor, has_mask: Tenso
         for prob in prob_maps:
             p = prob[sel].float()
             map_loss = map_loss + focal_loss(p, gt) + dice_loss(p[:, 1], gt) + dice_loss(p[:, 0], 1 - gt)
-        map_loss = MAP_LOSS_WEIGHT * map_loss
+        map_loss = map_loss_weight * map_loss
     return map_loss + image_loss, map_loss.detach(), image_loss.detach()
 
 
@@ -363,20 +342,33 @@ class AnomalyCLIP:
     batchwise: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = False
 
-    def __init__(self, backbone: PatchBackbone | str = DEFAULT_BACKBONE, *, n_ctx: int = N_CTX,
-                 depth: int | None = None, t_n_ctx: int = T_N_CTX, feature_layers: Sequence[int] | None = None,
-                 dpam_start: int | str | None = "auto", temperature: float = TEMPERATURE, sigma: float = 4.0,
-                 map_weight: float = 0.5, normal_text: str = "object", abnormal_text: str = "damaged object",
-                 seed: int = 0, chunk: int = 16, checkpoint: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None):
+    def __init__(self, backbone: PatchBackbone | str = DEFAULT_BACKBONE, *, preset: str = "official",
+                 n_ctx: int = N_CTX, depth: int | None = None, t_n_ctx: int = T_N_CTX,
+                 feature_layers: Sequence[int] | str | None = None, dpam_start: int | str | None = "preset",
+                 temperature: float = TEMPERATURE, sigma: float | None = None, map_weight: float | None = None,
+                 pos_interp: str | None = None, global_ln_post: bool | None = None,
+                 map_loss_weight: float | None = None, train_splits: Sequence[str] | None = None,
+                 normal_text: str = "object", abnormal_text: str = "damaged object", seed: int = 0,
+                 chunk: int = 16, checkpoint: str | os.PathLike | None = None, random_prompts: bool = False,
+                 image_size: int | None = None, device: str | torch.device | None = None):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown AnomalyCLIP preset {preset!r}; choose from {sorted(PRESETS)}")
         loaded = None
         if checkpoint is not None:
-            # A prompt checkpoint fixes the prompt structure; its config wins over the keywords.
-            tensors, cj = read_checkpoint(checkpoint)
+            # A prompt checkpoint fixes the prompt structure and its preset; its config wins.
+            tensors, cj = read_checkpoint(_checkpoint_path(checkpoint))
             loaded = (tensors, AnomalyCLIPConfig.from_json(cj))
             c = loaded[1]
             n_ctx, depth, t_n_ctx, feature_layers, dpam_start = c.n_ctx, c.depth, c.t_n_ctx, c.feature_layers, c.dpam_start
             temperature, normal_text, abnormal_text, seed = c.temperature, c.normal_text, c.abnormal_text, c.seed
+            preset = c.preset
+            sigma = c.sigma if sigma is None else sigma
+            map_weight = c.map_weight if map_weight is None else map_weight
+            pos_interp = c.pos_interp if pos_interp is None else pos_interp
+            global_ln_post = c.global_ln_post if global_ln_post is None else global_ln_post
+            map_loss_weight = c.map_loss_weight if map_loss_weight is None else map_loss_weight
+            train_splits = c.train_splits if train_splits is None else train_splits
+            image_size = c.image_size if image_size is None else image_size
             if isinstance(backbone, str) and backbone != c.backbone:
                 backbone = c.backbone if backbone == DEFAULT_BACKBONE else backbone
         bb = load_backbone(backbone, device=device) if isinstance(backbone, str) else backbone
@@ -384,25 +376,56 @@ class AnomalyCLIP:
             raise TypeError(f"AnomalyCLIP needs a clip/... backbone with a text tower, got {bb.name!r}")
         if loaded is not None and bb.name != loaded[1].backbone:
             raise ValueError(f"prompts in {checkpoint} were trained on {loaded[1].backbone!r}, not {bb.name!r}")
+        if loaded is None and not random_prompts and not getattr(bb, "is_random", False):
+            raise MissingWeightsError(
+                f"AnomalyCLIP on {bb.name} needs trained prompts: import the official checkpoint with "
+                f"`inspector weights import epoch_15.pth --as anomalyclip/NAME --backbone {bb.name}` (or train "
+                f"them with `inspector train anomalyclip`), then pass checkpoint NAME (register: --config "
+                "'{\"checkpoint\": \"NAME\"}'). Random prompts are not a detector.")
         self.backbone = bb
         model = bb.model
-        layers = tuple(feature_layers) if feature_layers is not None else tuple(bb.layer_ids)
+        p = PRESETS[preset]
+        depth_v = len(model.visual.transformer.resblocks)
+        if feature_layers is None:
+            feature_layers = p["feature_layers"]
+        if feature_layers == "last":
+            layers: tuple[int, ...] = (depth_v - 1,)
+        elif feature_layers == "even":
+            layers = tuple(bb.layer_ids)
+        else:
+            layers = tuple(int(i) for i in feature_layers)
+        if not layers or min(layers) < 0 or max(layers) >= depth_v:
+            raise ValueError(f"feature layers {layers} out of range for {depth_v} blocks")
+        if dpam_start == "preset":
+            dpam_start = p["dpam_start"]
         if dpam_start == "auto":
             dpam_start = layers[0]
+        elif dpam_start == "official":
+            dpam_start = official_dpam_start(depth_v)
+        if dpam_start is not None and not 0 <= int(dpam_start) <= min(layers):
+            raise ValueError(f"dpam_start {dpam_start} must be in 0..{min(layers)} (the first feature layer)")
+        if image_size is None and preset == "official" and bb.name == DEFAULT_BACKBONE:
+            image_size = OFFICIAL_IMAGE_SIZE
         text_layers = len(model.transformer.resblocks)
         self.config = AnomalyCLIPConfig(
             backbone=bb.name, n_ctx=n_ctx, depth=depth if depth is not None else default_depth(text_layers),
-            t_n_ctx=t_n_ctx, feature_layers=layers, dpam_start=dpam_start, temperature=temperature,
-            sigma=sigma, map_weight=map_weight, normal_text=normal_text, abnormal_text=abnormal_text, seed=seed,
+            t_n_ctx=t_n_ctx, feature_layers=layers, dpam_start=None if dpam_start is None else int(dpam_start),
+            temperature=temperature, sigma=p["sigma"] if sigma is None else float(sigma),
+            map_weight=p["map_weight"] if map_weight is None else float(map_weight),
+            normal_text=normal_text, abnormal_text=abnormal_text, seed=seed, image_size=image_size,
+            pos_interp=p["pos_interp"] if pos_interp is None else pos_interp,
+            global_ln_post=p["global_ln_post"] if global_ln_post is None else bool(global_ln_post),
+            map_loss_weight=p["map_loss_weight"] if map_loss_weight is None else float(map_loss_weight),
+            train_splits=tuple(p["train_splits"] if train_splits is None else train_splits), preset=preset,
         )
+        if self.config.pos_interp not in ("bicubic", "bilinear"):
+            raise ValueError(f"pos_interp must be bicubic or bilinear, got {self.config.pos_interp!r}")
         if not 1 <= self.config.depth <= text_layers:
             raise ValueError(f"depth {self.config.depth} must be in 1..{text_layers} (text blocks)")
         self.chunk = max(1, int(chunk))
-        self.visual = ClipVisual(model.visual, layers, dpam_start)
         self.prompts = self._build_prompts().to(bb.device)
         self._text_cache: tuple[tuple, Tensor] | None = None
         if loaded is not None:
-            self.config.image_size = loaded[1].image_size
             self.config.training = loaded[1].training
             self.load_tensors(loaded[0])
 
@@ -429,11 +452,12 @@ class AnomalyCLIP:
             backbone = load_backbone(cfg.backbone, device=device)  # MissingWeightsError without weights
         elif backbone.name != cfg.backbone:
             raise ValueError(f"prompts were trained on {cfg.backbone!r}, not {backbone.name!r}")
-        det = cls(backbone, n_ctx=cfg.n_ctx, depth=cfg.depth, t_n_ctx=cfg.t_n_ctx,
+        det = cls(backbone, preset=cfg.preset, n_ctx=cfg.n_ctx, depth=cfg.depth, t_n_ctx=cfg.t_n_ctx,
                   feature_layers=cfg.feature_layers, dpam_start=cfg.dpam_start, temperature=cfg.temperature,
-                  sigma=cfg.sigma, map_weight=cfg.map_weight, normal_text=cfg.normal_text,
-                  abnormal_text=cfg.abnormal_text, seed=cfg.seed)
-        det.config.image_size = cfg.image_size
+                  sigma=cfg.sigma, map_weight=cfg.map_weight, pos_interp=cfg.pos_interp,
+                  global_ln_post=cfg.global_ln_post, map_loss_weight=cfg.map_loss_weight,
+                  train_splits=cfg.train_splits, normal_text=cfg.normal_text, abnormal_text=cfg.abnormal_text,
+                  seed=cfg.seed, image_size=cfg.image_size, random_prompts=True)
         det.config.training = cfg.training
         det.load_tensors(tensors)
         return det
@@ -477,7 +501,8 @@ class AnomalyCLIP:
             path = models_dir() / "anomalyclip" / f"{path.name}.safetensors"
         if not path.is_file():
             raise MissingWeightsError(
-                f"AnomalyCLIP prompts not found at {path}. Train them with `inspector train anomalyclip "
+                f"AnomalyCLIP prompts not found at {path}. Import the official checkpoint with `inspector weights "
+                f"import epoch_15.pth --as anomalyclip/{path.stem}` or train them with `inspector train anomalyclip "
                 f"--data DIR --backbone {bb.name if bb is not None else DEFAULT_BACKBONE} --out {path}` "
                 "(see models/README.md)."
             )
@@ -522,7 +547,7 @@ class AnomalyCLIP:
     def image_features(self, images: Tensor) -> tuple[Tensor, list[Tensor], tuple[int, int]]:
         """Frozen image side (no autograd): normalised global ``[B,E]`` and patch ``[B,h*w,E]`` features."""
         with torch.no_grad():
-            out = self.visual(images.to(self.device))
+            out = run_visual(self.backbone, self.config, images.to(self.device))
             g = F.normalize(out.global_embedding.float(), dim=-1)
             patches = [F.normalize(p.float(), dim=-1) for p in out.patch_tokens]
         return g, patches, out.grid
@@ -551,21 +576,23 @@ class AnomalyCLIP:
         """Maps ``[B,H,W]`` at the input resolution and scores ``[B]``, all in [0, 1]."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"anomalyclip: expected Tensor[B,3,H,W], got {tuple(images.shape)}")
-        size = (int(images.shape[-2]), int(images.shape[-1]))
         results = []
         with torch.inference_mode(), self._autocast():
-            text = self._cached_text_features()
             for start in range(0, images.shape[0], self.chunk):
-                x = images[start:start + self.chunk]
-                g, patches, grid = self.image_features(x)
-                logits, maps = self.probabilities(g, patches, grid, text, size)
-                amap = torch.stack([m[:, 1] for m in maps]).mean(0)
-                amap = gaussian_blur(amap.float(), self.config.sigma).clamp_(0.0, 1.0)
-                p_global = logits.float().softmax(-1)[:, 1]
-                w = self.config.map_weight
-                scores = ((1 - w) * p_global + w * amap.flatten(1).amax(1)).clamp_(0.0, 1.0)
-                results.append(AnomalyResult(amap.float().cpu(), scores.float().cpu()))
+                x = images[start:start + self.chunk].to(self.device)
+                out = self.backbone.run(x, **pass_spec(self.config))
+                results.append(self.score_pass(out, (int(x.shape[-2]), int(x.shape[-1]))))
         return AnomalyResult.cat(results)
+
+    def score_pass(self, out, size: tuple[int, int]) -> AnomalyResult:
+        """Score from a shared backbone pass (:meth:`ClipBackbone.run` with at least :func:`pass_spec`)."""
+        with torch.inference_mode(), self._autocast():
+            vis = visual_output(self.backbone, self.config, out)
+            g = F.normalize(vis.global_embedding.float(), dim=-1)
+            patches = [F.normalize(p.float(), dim=-1) for p in vis.patch_tokens]
+            logits, maps = self.probabilities(g, patches, vis.grid, self._cached_text_features(), size)
+            amap, scores = anomaly_outputs(self.config, logits, maps)
+        return AnomalyResult(amap.float().cpu(), scores.float().cpu())
 
     def loss(self, images: Tensor, masks: Tensor, has_mask: Tensor, labels: Tensor,
              features: tuple[Tensor, list[Tensor], tuple[int, int]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -578,7 +605,8 @@ class AnomalyCLIP:
             patches = [p.to(dev).float() for p in patches]
             text = self.text_features()
             logits, maps = self.probabilities(g, patches, grid, text, tuple(masks.shape[-2:]))
-        return anomalyclip_loss(maps, masks.to(dev), has_mask.to(dev), logits, labels.to(dev))
+        return anomalyclip_loss(maps, masks.to(dev), has_mask.to(dev), logits, labels.to(dev),
+                                self.config.map_loss_weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,6 +643,94 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     if not js.is_file():
         raise FileNotFoundError(f"{js} (the checkpoint's config) is missing beside {st}")
     return load_file(str(st)), json.loads(js.read_text())
+
+
+def _checkpoint_path(name_or_path: str | os.PathLike) -> Path:
+    """A path, or a name under ``models/anomalyclip/`` (``NAME`` -> ``models/anomalyclip/NAME.safetensors``)."""
+    p = Path(name_or_path)
+    if p.suffix == ".safetensors" or p.is_file() or p.with_name(p.name + ".safetensors").is_file():
+        return p
+    return models_dir() / "anomalyclip" / f"{p.name}.safetensors"
+
+
+def map_official_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official ``prompt_learner`` state dict -> this module's :class:`PromptLearner` tensors.
+
+    ``ctx_pos [1,1,n_ctx,D]`` -> ``ctx_normal``, ``ctx_neg`` -> ``ctx_abnormal``,
+    ``compound_prompts_text.{i} [t_n_ctx,D]`` -> ``deep.{i}``. The projections
+    (``compound_prompt_projections.*``, unused by the official forward) and the token buffers
+    (rebuilt from the tokenizer) are dropped.
+    """
+    missing = [k for k in ("ctx_pos", "ctx_neg") if k not in sd]
+    if missing:
+        raise ValueError(f"not an official AnomalyCLIP prompt_learner: missing {missing}")
+    out = {}
+    for src, dst in (("ctx_pos", "ctx_normal"), ("ctx_neg", "ctx_abnormal")):
+        t = sd[src]
+        if t.ndim != 4 or t.shape[:2] != (1, 1):
+            raise ValueError(f"{src}: shape {tuple(t.shape)}, expected [1, 1, n_ctx, D] (one class, one state)")
+        out[dst] = t[0, 0].float().contiguous()
+    i = 0
+    while f"compound_prompts_text.{i}" in sd:
+        out[f"deep.{i}"] = sd[f"compound_prompts_text.{i}"].float().contiguous()
+        i += 1
+    unknown = [k for k in sd if not (k in ("ctx_pos", "ctx_neg") or k.startswith("compound_prompts_text.")
+                                     or k.startswith("compound_prompt_projections.") or k.startswith("token_"))]
+    if unknown:
+        raise ValueError(f"unexpected keys in the official checkpoint: {unknown[:5]}")
+    return out
+
+
+def import_official_checkpoint(src: str | os.PathLike, name: str, models_root: Path | None = None, *,
+                               backbone: str = DEFAULT_BACKBONE) -> Path:
+    """Official ``epoch_N.pth`` (``{"prompt_learner": ...}``) -> ``models/anomalyclip/NAME.safetensors``
+    + ``.json`` with the official preset; sha256s recorded in ``models/manifest.json``.
+
+    Read with ``torch.load(weights_only=True)``; shapes checked against ``backbone``'s text width
+    (from the architecture config: the CLIP weights are not needed here).
+    """
+    from ..weights import TINY_CONFIG, WeightsError, clip_arch, sha256_file, update_manifest
+
+    src = Path(src)
+    root = Path(models_root) if models_root is not None else models_dir()
+    if not src.is_file():
+        raise MissingWeightsError(f"{src}: no such file")
+    sha = sha256_file(src)
+    arch = backbone.split("/", 1)[-1]
+    cfg = TINY_CONFIG if arch == "tiny" else clip_arch(arch).config
+    dim, text_layers = cfg["text_cfg"]["width"], cfg["text_cfg"]["layers"]
+    vis_layers = cfg["vision_cfg"]["layers"]
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+        sd = obj.get("prompt_learner", obj) if isinstance(obj, dict) else None
+        if not isinstance(sd, dict):
+            raise ValueError(f"expected a dict with 'prompt_learner', found {type(obj).__name__}")
+        tensors = map_official_keys(sd)
+    except Exception as exc:  # noqa: BLE001 - one clear message for any unreadable file
+        raise WeightsError(
+            f"{src}: not an official AnomalyCLIP checkpoint for {backbone} ({type(exc).__name__}: {exc}); expected "
+            f"{{'prompt_learner': {{ctx_pos [1,1,12,{dim}], ctx_neg, compound_prompts_text.0..7 [4,{dim}], ...}}}} "
+            f"(file sha256 {sha})") from exc
+    n_ctx, d = tensors["ctx_normal"].shape
+    deep = [tensors[f"deep.{i}"] for i in range(len(tensors) - 2)]
+    t_n_ctx = int(deep[0].shape[0]) if deep else T_N_CTX
+    bad = [k for k, v in tensors.items() if v.shape[-1] != dim] + \
+          [f"deep.{i}" for i, t in enumerate(deep) if tuple(t.shape) != (t_n_ctx, dim)]
+    if bad or tensors["ctx_abnormal"].shape != (n_ctx, d) or len(deep) + 1 > text_layers:
+        raise WeightsError(
+            f"{src}: prompt shapes do not fit {backbone} (text width {dim}, {text_layers} text blocks): "
+            f"ctx {tuple(tensors['ctx_normal'].shape)}, {len(deep)} deep tokens, mismatched {bad[:3]} (file sha256 {sha})")
+    config = AnomalyCLIPConfig(
+        backbone=backbone, n_ctx=int(n_ctx), depth=len(deep) + 1, t_n_ctx=t_n_ctx, feature_layers=(vis_layers - 1,),
+        dpam_start=official_dpam_start(vis_layers), map_weight=0.0, pos_interp="bilinear", global_ln_post=False,
+        image_size=OFFICIAL_IMAGE_SIZE if backbone == DEFAULT_BACKBONE else None, preset="official",
+        training={"source": "official zqhang/AnomalyCLIP checkpoint", "file": src.name, "sha256": sha},
+    )
+    out = write_checkpoint(root / "anomalyclip" / f"{name}.safetensors", tensors, config.to_json())
+    entry = {"name": f"anomalyclip/{name}", "file": str(out.relative_to(root)), "sha256": sha256_file(out),
+             "backbone": backbone, "imported_from": src.name, "source_sha256": sha, "preset": "official"}
+    update_manifest(root, entry)
+    return out
 
 
 def _train_state_paths(path: str | os.PathLike) -> Path:
@@ -769,9 +885,10 @@ def train_prompts(data: str | os.PathLike | Sequence[Sample], out: str | os.Path
                   backbone: PatchBackbone | str = DEFAULT_BACKBONE, epochs: int = 15, lr: float = 1e-3,
                   batch_size: int = 8, image_size: int | None = None, resume: bool = False, seed: int = 0,
                   n_ctx: int = N_CTX, depth: int | None = None, t_n_ctx: int = T_N_CTX,
-                  dpam_start: int | str | None = "auto", cache_features: bool | None = None,
+                  dpam_start: int | str | None = "preset", cache_features: bool | None = None,
                   cache_limit_gb: float = 4.0, device: str | torch.device | None = None, workers: int = 0,
-                  progress: bool = True, log: Callable[[str], None] | None = print) -> TrainResult:
+                  progress: bool = True, log: Callable[[str], None] | None = print, preset: str = "official",
+                  splits: Sequence[str] | None = None, **options: Any) -> TrainResult:
     """Train AnomalyCLIP prompts on an MVTec-layout folder; checkpoint after every epoch.
 
     Writes ``out`` (prompts, safetensors) + ``out``'s ``.json`` config after each epoch, and the
@@ -779,11 +896,15 @@ def train_prompts(data: str | os.PathLike | Sequence[Sample], out: str | os.Path
     ``resume=True`` continues where the last run stopped (same shuffling: the order of epoch
     ``e`` depends only on ``seed`` and ``e``). Adam with betas (0.5, 0.999) as the official code.
     Image features are frozen, so they are computed once and cached in memory when they fit
-    (``cache_limit_gb``); epochs then cost only the text encoder.
+    (``cache_limit_gb``); epochs then cost only the text encoder. ``preset`` / ``options`` as
+    :class:`AnomalyCLIP`; ``splits``: folder splits to train on (default: the preset's, official
+    ``("test",)``, as the official ``Dataset(mode='test')``).
     """
     bb = load_backbone(backbone, device=device) if isinstance(backbone, str) else backbone
     from_folder = isinstance(data, (str, os.PathLike))
-    samples = scan_mvtec(data) if from_folder else list(data)
+    if splits is None:
+        splits = options.get("train_splits") or PRESETS[preset]["train_splits"]
+    samples = scan_mvtec(data, splits=tuple(splits)) if from_folder else list(data)
     st_path, _ = _paths(out)
 
     state = load_train_state(st_path) if resume else None
@@ -798,7 +919,8 @@ def train_prompts(data: str | os.PathLike | Sequence[Sample], out: str | os.Path
     else:
         if resume and log:
             log(f"no checkpoint at {st_path}: starting from scratch")
-        det = AnomalyCLIP(bb, n_ctx=n_ctx, depth=depth, t_n_ctx=t_n_ctx, dpam_start=dpam_start, seed=seed)
+        det = AnomalyCLIP(bb, preset=preset, n_ctx=n_ctx, depth=depth, t_n_ctx=t_n_ctx, dpam_start=dpam_start,
+                          seed=seed, random_prompts=True, train_splits=tuple(splits), **options)
         state = None
     size = int(image_size or (det.config.image_size if resume else None) or bb.preprocess.size)
     det.config.image_size = size
@@ -902,7 +1024,12 @@ def pixel_auroc(maps: Tensor, masks: Tensor) -> float:
 __all__ = [
     "AnomalyCLIP",
     "AnomalyCLIPConfig",
-    "ClipVisual",
+    "PRESETS",
+    "anomaly_outputs",
+    "import_official_checkpoint",
+    "pass_spec",
+    "run_visual",
+    "visual_output",
     "PromptLearner",
     "Sample",
     "TrainResult",
@@ -915,6 +1042,5 @@ __all__ = [
     "read_checkpoint",
     "scan_mvtec",
     "train_prompts",
-    "vv_attention",
     "write_checkpoint",
 ]
