@@ -227,7 +227,7 @@ class StationApp:
 
     # ---- Register tab ------------------------------------------------------------------------
     def on_register(self, name: str, files: list | None, detector: str, backbone: str, size: int | str,
-                    replace: bool, request: gr.Request, progress=gr.Progress()):
+                    replace: bool, request: gr.Request, generator: str | None = None, progress=gr.Progress()):
         name = (name or "").strip()
         if not _NAME_RE.match(name):
             raise _error("Product name: letters, digits, '-', '_' or '.', at most 64 characters.")
@@ -245,7 +245,8 @@ class StationApp:
         try:
             with self.model_lock:
                 product = self.registry.register(name, images, detector=detector, backbone=backbone,
-                                                 image_size=int(size), replace=bool(replace), actor=_user(request))
+                                                 image_size=int(size), replace=bool(replace), actor=_user(request),
+                                                 generator=_generator_choice(generator))
         except (ValueError, KeyError) as exc:  # ProductExists, bad detector/backbone name...
             raise _error(str(exc.args[0] if exc.args else exc)) from exc
         except Exception as exc:  # noqa: BLE001 - e.g. missing weights for the chosen backbone
@@ -286,6 +287,10 @@ class StationApp:
                                        title=f"{p.name}: {p.detector} / {p.backbone}, {p.shots} shots")
         rows = self.store.history(product=p.name, limit=RECENT)
         table, note = views.reverdict_frame(rows, t)
+        from inspector.synth.severity import severity_markdown
+
+        sev = severity_markdown(cal, t.ok_below, t.ng_above)
+        note = f"{note}\n\n{sev}" if sev else note
         if ok is None:
             return (fig, gr.update(minimum=lo, maximum=hi, value=t.ok_below, step=step),
                     gr.update(minimum=lo, maximum=hi, value=t.ng_above, step=step), table, note)
@@ -398,7 +403,8 @@ class StationApp:
         except (OSError, ImageError):
             return []
 
-    def on_synthesize(self, product: str, upload: str | None, kind: str, n: int, seed: int, score: bool):
+    def on_synthesize(self, product: str, upload: str | None, kind: str, n: int, seed: int, score: bool,
+                      severity: float | None = None):
         from inspector.synth import generate_defects
 
         if upload:
@@ -409,7 +415,8 @@ class StationApp:
                 raise _error(f"No stored shots for {product}: upload a normal image.")
         else:
             raise _error("Choose a product or upload a normal image.")
-        pairs = generate_defects(normals, int(n), rng=int(seed), generator=None if kind == "any" else kind)
+        sev = None if severity is None or float(severity) < 0 else float(severity)
+        pairs = generate_defects(normals, int(n), rng=int(seed), generator=_generator_choice(kind), severity=sev)
         captions = [f"#{i + 1} · defect {100 * m.mean():.1f}% of image" for i, (_, m) in enumerate(pairs)]
         if score and product:
             p = self._product(product)
@@ -525,6 +532,9 @@ class StationApp:
                                                           elem_id="register-backbone")
                                 rg_size = gr.Dropdown(cfg.image_sizes, value=cfg.image_sizes[0], label="Input size (px)",
                                                       elem_id="register-size")
+                            rg_generator = gr.Dropdown(_generator_choices(), value=FALLBACK_CHOICE,
+                                                       label="Defect generator (calibration, training)",
+                                                       elem_id="register-generator")
                             rg_replace = gr.Checkbox(False, label="Replace the product if it exists")
                             rg_btn = gr.Button("Register", variant="primary", elem_id="register-button")
                             rg_status = gr.Markdown(elem_id="register-status")
@@ -566,7 +576,9 @@ class StationApp:
                             sy_product = gr.Dropdown(names, value=first, label="Product (uses its stored shots)")
                             sy_upload = gr.Image(type="filepath", label="…or a normal image", sources=["upload"],
                                                  height=200)
-                            sy_kind = gr.Dropdown(["any", "perlin", "cutpaste", "scar"], value="any", label="Defect kind")
+                            sy_kind = gr.Dropdown(["any", "perlin", "cutpaste", "scar"] + _generator_choices()[1:],
+                                                  value="any", label="Generator (weight-free kind or diffusion model)")
+                            sy_sev = gr.Slider(-0.05, 1, value=-0.05, step=0.05, label="Severity (below 0: spread 0-1)")
                             with gr.Row():
                                 sy_n = gr.Slider(1, 16, value=8, step=1, label="How many")
                                 sy_seed = gr.Number(0, precision=0, label="Seed")
@@ -616,7 +628,8 @@ class StationApp:
 
             dropdowns = [in_product, lv_product, cb_product, bt_product, sy_product, hs_product]
             calib_outs = [cb_plot, cb_ok, cb_ng, cb_table, cb_note]
-            rg_btn.click(self.on_register, [rg_name, rg_files, rg_detector, rg_backbone, rg_size, rg_replace],
+            rg_btn.click(self.on_register, [rg_name, rg_files, rg_detector, rg_backbone, rg_size, rg_replace,
+                                            rg_generator],
                          [rg_status, *dropdowns, *calib_outs], api_name="register")
             # .input (user picks), not .change: register/load already return the calibration view, and a
             # second, late refresh would reset sliders the engineer is moving
@@ -630,7 +643,8 @@ class StationApp:
 
             bt_btn.click(self.on_batch, [bt_product, bt_folder, bt_zip], [bt_status, bt_table, bt_files],
                          api_name="batch")
-            sy_btn.click(self.on_synthesize, [sy_product, sy_upload, sy_kind, sy_n, sy_seed, sy_score], [sy_gallery],
+            sy_btn.click(self.on_synthesize, [sy_product, sy_upload, sy_kind, sy_n, sy_seed, sy_score, sy_sev],
+                         [sy_gallery],
                          api_name="synthesize")
             hist_outs = [hs_table, hs_gallery, hs_note]
             hs_btn.click(self.on_history, [hs_product, hs_verdict, hs_since, hs_limit], hist_outs, api_name="history")
@@ -670,6 +684,27 @@ class StationApp:
             with contextlib.suppress(Exception):
                 self.demo.close()
         shutil.rmtree(self._downloads, ignore_errors=True)
+
+
+FALLBACK_CHOICE = "fallback (weight-free)"
+
+
+def _generator_choices() -> list[str]:
+    """The Register/Synthesize generator choices: weight-free, then every models/synth/NAME."""
+    from inspector.synth import list_generators
+
+    return [FALLBACK_CHOICE] + [f"diffusion: {p.name}" for p in list_generators()]
+
+
+def _generator_choice(choice: str | None):
+    """Dropdown value -> ``generate_defects``'s ``generator`` (None, a kind, or a model folder)."""
+    if not choice or choice in (FALLBACK_CHOICE, "any"):
+        return None
+    if choice.startswith("diffusion: "):
+        from inspector.synth import synth_models_dir
+
+        return str(synth_models_dir() / choice.split(": ", 1)[1])
+    return choice
 
 
 def _score(r: dict) -> str:

@@ -18,9 +18,10 @@ Registration (:meth:`ProductRegistry.register`):
    each shot is scored by a model fitted without it (leave-one-out, up to 8 folds), together with
    ``N_VIEWS`` re-shot views of it (:func:`augmented_view`: rotation up to 2 degrees, sub-pixel
    shift, +-5% brightness/contrast); with a single shot, only the views are scored, by the full
-   model. Generated defects
-   (:func:`inspector.synth.fallback.make_defect`, ``n_synthetic`` of them, drawn from the shots) are
-   scored by the same held-out models, so normal and defect scores are comparable;
+   model. Generated defects (:func:`inspector.synth.generate_defects`, ``n_synthetic`` of them,
+   drawn from the shots, severities spread over [0, 1]; weight-free or a trained diffusion
+   ``generator``) are scored by the same held-out models, so normal and defect scores are
+   comparable; the fraction passed as OK per severity band is recorded;
 3. save. ``version`` is a content hash of the detector state, its configuration, the backbone and
    the thresholds: any change that can change a verdict changes the version.
 
@@ -403,14 +404,18 @@ class ProductRegistry:
     def register(self, name: str, images: list[np.ndarray], detector: str = DEFAULT_DETECTOR,
                  backbone: str = "efficientnet-lite0", actor: str | None = None, n_synthetic: int = 16,
                  seed: int = 0, *, image_size: int | None = None, detector_config: dict | None = None,
-                 replace: bool = False) -> Product:
-        """Fit, calibrate and save a product from 1..MAX_SHOTS normal images (RGB uint8 arrays or paths)."""
+                 replace: bool = False, generator: Any = None) -> Product:
+        """Fit, calibrate and save a product from 1..MAX_SHOTS normal images (RGB uint8 arrays or paths).
+
+        ``generator`` (None = weight-free, or a trained diffusion generator / its folder / its name
+        under ``models/synth``) makes the calibration defects, and is passed to the detector's
+        ``fit`` when that accepts ``generator``; the product records its name and version."""
         d = self._dir(name)
         shots = self._validate_shots(images)
         if (d / "product.json").is_file() and not replace:  # fail before minutes of fitting
             raise ProductExists(f"product {name!r} already exists; delete it, add shots, or register with replace")
         prod, blob, config = self._build(name, shots, detector, backbone, n_synthetic, seed, image_size,
-                                         detector_config or {})
+                                         detector_config or {}, generator)
         with self._locked():  # fitted outside the lock; only the existence check + commit inside
             old = self.get(name) if (d / "product.json").is_file() else None
             if old is not None and not replace:
@@ -440,7 +445,8 @@ class ProductRegistry:
             reg = old.registration
             prod, blob, config = self._build(name, shots, old.detector, old.backbone,
                                              int(reg.get("n_synthetic", 16)), int(reg.get("seed", 0)),
-                                             old.image_size, old.detector_config)
+                                             old.image_size, old.detector_config,
+                                             (reg.get("generator") or {}).get("path"))
             prod.created = old.created
             self._commit(prod, shots, blob, config)
             self._audit(actor, "add_shots", name, {"added": len(added), "shots": len(shots),
@@ -496,45 +502,61 @@ class ProductRegistry:
 
         return load_backbone(name, device=self.device, image_size=image_size or None)
 
-    def _build(self, name, shots, detector, backbone, n_synthetic, seed, image_size, cfg):
+    def _build(self, name, shots, detector, backbone, n_synthetic, seed, image_size, cfg, generator=None):
         """Fit + calibrate, no disk writes: ``(Product, state safetensors bytes, state config)``."""
+        from .synth import _resolve, describe_generator
+
         cls = detector_class(detector)
         bb = self._load_backbone(backbone, image_size)
         size = bb.preprocess.size
         t0 = time.perf_counter()
         mode = _mode(cls)
-        normal, defects, map_low = self._calibration_scores(cls, bb, cfg, shots, mode, n_synthetic, seed)
+        gen_info = describe_generator(generator)
+        gen = _resolve(generator)
+        fit_gen = None if generator is None else gen  # None: the detector's own default
+        normal, defects, severities, map_low = self._calibration_scores(cls, bb, cfg, shots, mode, n_synthetic,
+                                                                        seed, gen, fit_gen)
         det = cls(bb, **cfg)
         if mode == "fit":
-            det.fit(bb.preprocess(shots))
+            _fit(det, bb.preprocess(shots), fit_gen)
         tensors, config = det.state()
         blob = _safetensors_bytes(tensors)
         model_hash = _sha(blob + _canon(config) + _canon([_shot_id(s) for s in shots]))[:16]
         auto = calibrate(normal, defects)
+        from .synth.severity import severity_bands
+
         now = _now()
         prod = Product(
             name=name, detector=detector, backbone=backbone, thresholds=auto,
             version=product_version(model_hash, detector, backbone, size, auto),
-            calibration={"normal_scores": normal, "defect_scores": defects, "map_low": map_low,
-                         "auto_thresholds": auto.to_dict(),
+            calibration={"normal_scores": normal, "defect_scores": defects, "defect_severity": severities,
+                         "severity_bands": severity_bands(severities, defects, auto.ok_below, auto.ng_above),
+                         "map_low": map_low, "auto_thresholds": auto.to_dict(),
                          "method": ("held-out: leave-one-out folds + augmented views" if mode != "zero"
-                                    else "zero-shot: shots + augmented views") + "; defects: synth.fallback"},
+                                    else "zero-shot: shots + augmented views")
+                         + f"; defects: {gen_info['kind']} generator ({gen_info['name']}), severities spread 0-1"},
             shots=len(shots), created=now, updated=now, image_size=size, detector_config=cfg,
             model_hash=model_hash, shot_files=[],
             registration={"n_synthetic": n_synthetic, "seed": seed, "seconds": round(time.perf_counter() - t0, 3),
-                          "mode": mode, "device": str(bb.device)},
+                          "mode": mode, "device": str(bb.device), "generator": gen_info},
         )
         return prod, blob, config
 
-    def _calibration_scores(self, cls, bb, cfg, shots, mode, n_synthetic, seed):
-        from .synth.fallback import make_defect
+    def _calibration_scores(self, cls, bb, cfg, shots, mode, n_synthetic, seed, gen=None, fit_gen=None):
+        """Held-out normal scores, generated-defect scores, the defects' severities (stratified over
+        [0, 1] across all folds) and the median normal pixel score."""
+        from .synth import _resolve, generate_defects
+        from .synth.severity import draw_severities
 
+        gen = _resolve(None) if gen is None else gen
         rng = np.random.default_rng(seed)
+        all_sev = draw_severities(n_synthetic, rng, None)
         k = len(shots)
         folds = list(range(min(k, MAX_FOLDS)))
         per_fold = [n_synthetic // len(folds) + (1 if i < n_synthetic % len(folds) else 0) for i in range(len(folds))]
         normal: list[float] = []
         defects: list[float] = []
+        severities: list[float] = []
         lows: list[float] = []
         shared = None
         if mode == "zero":
@@ -543,9 +565,12 @@ class ProductRegistry:
             others = [s for j, s in enumerate(shots) if j != i] or [shots[i]]
             queries_normal = ([shots[i]] if (k > 1 or mode == "zero") else []) + \
                 [augmented_view(shots[i], rng) for _ in range(N_VIEWS)]
-            queries_defect = [make_defect(shots[i], rng)[0] for _ in range(n_def)]
+            sev = all_sev[len(severities):len(severities) + n_def]
+            severities += [float(v) for v in sev]
+            queries_defect = [img for img, _ in generate_defects([shots[i]], n_def, rng, gen, severity=sev)] \
+                if n_def else []
             if mode == "fit":
-                det = cls(bb, **cfg).fit(bb.preprocess(others)) if k > 1 else cls(bb, **cfg).fit(bb.preprocess(shots))
+                det = _fit(cls(bb, **cfg), bb.preprocess(others if k > 1 else shots), fit_gen)
                 rt = TorchRuntime(bb, det, "fit")
             elif mode == "zero":
                 rt = TorchRuntime(bb, shared, "zero")
@@ -556,7 +581,7 @@ class ProductRegistry:
             normal += s[:len(queries_normal)]
             defects += s[len(queries_normal):]
             lows.append(float(res.maps[:len(queries_normal)].median()))
-        return [float(v) for v in normal], [float(v) for v in defects], float(np.median(lows))
+        return [float(v) for v in normal], [float(v) for v in defects], severities, float(np.median(lows))
 
     def _commit(self, prod: Product, shots: list[np.ndarray], blob: bytes, config: dict) -> None:
         """Write shots + state under new names, then product.json atomically, then clean up."""
@@ -637,6 +662,17 @@ def _as_rgb8(im) -> np.ndarray:
     if im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3 and im.shape[0] and im.shape[1]:
         return im
     return to_rgb8(im)
+
+
+def _fit(det, x: torch.Tensor, generator=None):
+    """``det.fit(x)``, passing the defect generator when the detector's fit accepts one."""
+    import inspect
+
+    try:
+        takes = "generator" in inspect.signature(det.fit).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return det.fit(x, generator=generator) if takes and generator is not None else det.fit(x)
 
 
 def _mode(cls) -> str:

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", default="efficientnet-lite0", help="patch backbone (see `inspector backbones`)")
     p.add_argument("--image-size", type=int, default=None, help="model input size in pixels (backbone default)")
     p.add_argument("--n-synthetic", type=int, default=16, help="generated defects for calibration (default 16)")
+    p.add_argument("--generator", default=None, metavar="MODEL",
+                   help="defect generator for calibration (and the detector's training when it takes one): "
+                        "'fallback' (weight-free, default) or a trained diffusion model, models/synth/NAME or NAME")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default=None, metavar="JSON", help="detector options as JSON, e.g. '{\"views\": 2}'")
     p.add_argument("--replace", action="store_true", help="replace an existing product of this name")
@@ -42,11 +45,22 @@ def run(args: argparse.Namespace) -> int:
     if args.n_synthetic < 0:
         raise CommandError("--n-synthetic must be >= 0", EXIT_USAGE)
     images = [read_image(p) for p in expand_images(args.images)]
+    generator = None
+    if args.generator and args.generator != "fallback":
+        from ..synth import generator_path
+        from ..synth.diffusion import CONFIG_NAME
+
+        path = generator_path(args.generator)
+        if not (path / CONFIG_NAME).is_file():
+            raise CommandError(f"--generator {args.generator}: no trained generator at {path} "
+                               f"(train one with `inspector synth train`)", EXIT_USAGE)
+        generator = str(path)
     st = station(args)
     try:
         prod = st.registry.register(args.name, images, detector=args.detector, backbone=args.backbone,
                                     actor=actor(args), n_synthetic=args.n_synthetic, seed=args.seed,
-                                    image_size=args.image_size, detector_config=cfg, replace=args.replace)
+                                    image_size=args.image_size, detector_config=cfg, replace=args.replace,
+                                    generator=generator)
     except ProductExists as exc:
         raise CommandError(str(exc)) from exc
     if args.json:
@@ -61,5 +75,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  generated defect scores: {fmt(min(cal['defect_scores']))} .. {fmt(max(cal['defect_scores']))} "
               f"({len(cal['defect_scores'])})")
     print(f"  thresholds: OK below {fmt(prod.thresholds.ok_below)}, NG at or above {fmt(prod.thresholds.ng_above)}")
+    g = prod.registration.get("generator") or {}
+    if g:
+        print(f"  defect generator: {g.get('kind')} {g.get('name')} (version {g.get('version')})")
+    for b in cal.get("severity_bands", []):
+        if b["n"]:
+            print(f"  {b['band']:8s} generated defects (severity {b['range'][0]:.2f}-{b['range'][1]:.2f}, n={b['n']}): "
+                  f"{100 * b['passed_ok']:.0f}% would pass as OK, {100 * b['not_ng']:.0f}% not NG")
     print(f"  fitted and calibrated in {prod.registration.get('seconds')} s; saved in {prod.path}")
     return 0

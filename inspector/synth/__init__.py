@@ -21,21 +21,23 @@ import numpy as np
 from .fallback import KINDS, make_defect
 from .masks import perlin_mask, perlin_noise, scar_mask
 
-__all__ = ["KINDS", "build_synthetic_product", "generate_defects", "make_defect", "perlin_mask", "perlin_noise", "scar_mask"]
+__all__ = ["KINDS", "build_synthetic_product", "describe_generator", "generate_defects", "list_generators",
+           "make_defect", "perlin_mask", "perlin_noise", "scar_mask"]
 
 DefectFn = Callable[[np.ndarray, np.random.Generator], "tuple[np.ndarray, np.ndarray]"]
 
 
 def _resolve(generator: Any) -> Any:
-    """A callable ``(img, rng) -> (img, mask)`` or an object with batched ``make_defects``."""
+    """A callable ``(img, rng, severity=None) -> (img, mask)`` or an object with batched
+    ``make_defects``."""
     if generator is None or (isinstance(generator, str) and generator in ("fallback", "any")):
-        return lambda img, rng: make_defect(img, rng)
+        return lambda img, rng, severity=None: make_defect(img, rng, severity=severity)
     if isinstance(generator, str) and generator in KINDS:
-        return lambda img, rng, kind=generator: make_defect(img, rng, kind=kind)
+        return lambda img, rng, severity=None, kind=generator: make_defect(img, rng, kind=kind, severity=severity)
     if isinstance(generator, (str, os.PathLike)):
         from .diffusion import DefectGen  # a path to a trained model
 
-        return DefectGen.load(generator)
+        return DefectGen.load(generator_path(generator))
     if hasattr(generator, "make_defects") or hasattr(generator, "make_defect"):
         return generator
     if callable(generator):
@@ -45,30 +47,42 @@ def _resolve(generator: Any) -> Any:
 
 def generate_defects(normal_images: Sequence[np.ndarray], n: int,
                      rng: np.random.Generator | int | None = None,
-                     generator: Any = None, *, batch_size: int = 32,
-                     progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+                     generator: Any = None, *, severity: float | Sequence[float] | None = None,
+                     batch_size: int = 32, progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """Make ``n`` defective images from ``normal_images`` (RGB uint8 arrays, cycled at random).
 
     ``generator``: ``None``/``"fallback"`` (random fallback kind), one of :data:`KINDS`, a trained
     :class:`~inspector.synth.diffusion.DefectGen` (or its saved folder), or any callable
-    ``(rgb, rng) -> (rgb, mask)``. Returns ``[(image uint8 HxWx3, mask uint8 HxW {0,1}), ...]``;
-    each mask is non-empty and is exactly the set of changed pixels.
+    ``(rgb, rng) -> (rgb, mask)`` (called with ``severity=`` when it accepts it).
+    ``severity``: a float in [0, 1] (0 barely visible, 1 obvious), one per defect, or None:
+    spread across [0, 1] (stratified, :func:`~inspector.synth.severity.draw_severities`).
+    Returns ``[(image uint8 HxWx3, mask uint8 HxW {0,1}), ...]``; each mask is non-empty and is
+    exactly the set of changed pixels.
     """
     if not len(normal_images):
         raise ValueError("generate_defects needs at least one normal image")
+    import inspect
+
     from tqdm.auto import tqdm
+
+    from .severity import draw_severities
 
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     gen = _resolve(generator)
+    sev = draw_severities(int(n), rng, severity)
     picks = [np.asarray(normal_images[int(rng.integers(len(normal_images)))]) for _ in range(int(n))]
     out: list[tuple[np.ndarray, np.ndarray]] = []
     if hasattr(gen, "make_defects"):  # batched (diffusion)
         for b in tqdm(range(0, len(picks), batch_size), desc="generate", disable=not progress, leave=False):
-            out += gen.make_defects(picks[b:b + batch_size], rng)
+            out += gen.make_defects(picks[b:b + batch_size], rng, severity=sev[b:b + batch_size])
         return out
     fn = gen.make_defect if hasattr(gen, "make_defect") else gen
-    for img in tqdm(picks, desc="generate", disable=not progress, leave=False):
-        out.append(fn(img, rng))
+    try:
+        takes_sev = "severity" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes_sev = False
+    for img, s in tqdm(list(zip(picks, sev)), desc="generate", disable=not progress, leave=False):
+        out.append(fn(img, rng, severity=float(s)) if takes_sev else fn(img, rng))
     return out
 
 
@@ -109,6 +123,62 @@ def build_synthetic_product(normal: Sequence[str | os.PathLike | np.ndarray], ou
         summary["stats"] = dict(gen.stats)
     (Path(out) / "synth.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def synth_models_dir() -> Path:
+    """``<models>/synth`` (``$INSPECTOR_MODELS`` or the repository's ``models/``)."""
+    from ..backbone import models_dir
+
+    return models_dir() / "synth"
+
+
+def generator_path(generator: str | os.PathLike) -> Path:
+    """A trained generator's folder: the path itself, or ``NAME`` under :func:`synth_models_dir`."""
+    p = Path(generator)
+    if p.is_dir() or p.is_absolute() or len(p.parts) > 1:
+        return p
+    cand = synth_models_dir() / p
+    return cand if cand.is_dir() else p
+
+
+def list_generators(root: str | os.PathLike | None = None) -> list[Path]:
+    """Trained diffusion generators (folders with ``defectgen.json``) under ``root``
+    (default :func:`synth_models_dir`), sorted by name."""
+    from .diffusion import CONFIG_NAME
+
+    root = Path(root) if root is not None else synth_models_dir()
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and (d / CONFIG_NAME).is_file())
+
+
+def describe_generator(generator: Any) -> dict:
+    """What a product records about the generator that calibrated it: ``kind``, ``name``,
+    ``version`` (content hash: the weights + config of a diffusion model, the source of the
+    weight-free generator) and ``path`` for a saved model."""
+    if generator is None or (isinstance(generator, str) and (generator in ("fallback", "any") or generator in KINDS)):
+        return {"kind": "fallback", "name": generator if generator in KINDS else "fallback",
+                "version": fallback_version(), "path": None}
+    if isinstance(generator, (str, os.PathLike)):
+        from .diffusion import DefectGen
+
+        generator = DefectGen.load(generator_path(generator), device="cpu")
+    if hasattr(generator, "version") and hasattr(generator, "config"):
+        path = getattr(generator, "path", None)
+        return {"kind": "diffusion", "name": Path(path).name if path else type(generator).__name__,
+                "version": generator.version, "path": str(path) if path else None}
+    return {"kind": "custom", "name": getattr(generator, "__name__", type(generator).__name__), "version": None,
+            "path": None}
+
+
+def fallback_version() -> str:
+    """Content hash of the weight-free generator's source (changes when its defects can change)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for mod in ("fallback.py", "masks.py", "severity.py"):
+        h.update((Path(__file__).parent / mod).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _describe(generator: Any) -> str:

@@ -114,14 +114,14 @@ def enforce_change(orig: np.ndarray, blended: np.ndarray, mask: np.ndarray, min_
     return out.astype(np.uint8)
 
 
-def _perlin(img: np.ndarray, rng: np.random.Generator, area, strength: float):
+def _perlin(img: np.ndarray, rng: np.random.Generator, area, strength: float, feather: float = 2.0):
     h, w = img.shape[:2]
     mask = perlin_mask((h, w), rng, area)
     tex = _foreign_texture(img, rng)
     beta = min(1.0, rng.uniform(0.45, 0.9) * strength)
-    # feathered edge: alpha ramps up over ~2 px inside the mask (edge pixels still change)
+    # feathered edge: alpha ramps up over ~`feather` px inside the mask (edge pixels still change)
     dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
-    alpha = (beta * np.clip(dist / 2.0, 0.35, 1.0))[..., None].astype(np.float32)
+    alpha = (beta * np.clip(dist / feather, 0.35, 1.0))[..., None].astype(np.float32)
     blended = img.astype(np.float32) * (1 - alpha) + tex * alpha
     return blended, mask
 
@@ -136,7 +136,7 @@ def _rect_size(h: int, w: int, rng: np.random.Generator, area) -> tuple[int, int
     return max(2, min(ph, h // 2)), max(2, min(pw, w // 2))
 
 
-def _cutpaste(img: np.ndarray, rng: np.random.Generator, area, strength: float):
+def _cutpaste(img: np.ndarray, rng: np.random.Generator, area, strength: float, feather: float = 2.0):
     h, w = img.shape[:2]
     ph, pw = _rect_size(h, w, rng, area)
     sy, sx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
@@ -154,7 +154,7 @@ def _cutpaste(img: np.ndarray, rng: np.random.Generator, area, strength: float):
     return blended, rect_mask((h, w), ty, tx, ph, pw)
 
 
-def _scar(img: np.ndarray, rng: np.random.Generator, area, strength: float):
+def _scar(img: np.ndarray, rng: np.random.Generator, area, strength: float, feather: float = 2.0):
     h, w = img.shape[:2]
     mask = scar_mask((h, w), rng, area)
     dy, dx = int(rng.integers(h // 4, 3 * h // 4 + 1)), int(rng.integers(w // 4, 3 * w // 4 + 1))
@@ -171,7 +171,8 @@ _MAKERS = {"perlin": _perlin, "cutpaste": _cutpaste, "scar": _scar}
 
 def make_defect(rgb: np.ndarray, rng: np.random.Generator, kind: str = "any", *,
                 area: tuple[float, float] = DEFAULT_AREA, min_delta: int = 4,
-                min_mean_change: float = 12.0, max_tries: int = 8) -> tuple[np.ndarray, np.ndarray]:
+                min_mean_change: float = 12.0, max_tries: int = 8,
+                severity: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(defective RGB uint8, mask uint8 HxW in {0, 1})`` for a normal ``rgb`` image.
 
     ``kind``: ``"perlin"``, ``"cutpaste"``, ``"scar"`` or ``"any"`` (random, weights
@@ -181,8 +182,20 @@ def make_defect(rgb: np.ndarray, rng: np.random.Generator, kind: str = "any", *,
     absolute change inside the mask must reach this, otherwise a stronger defect is drawn (a
     CutPaste from a flat region is invisible). A grayscale HxW input is treated as RGB, and an
     image whose channels are equal gets gray defects.
+
+    ``severity`` (0 barely visible .. 1 obvious; None = the unconditioned mix above) sets the
+    area inside ``area`` (log scale), the blend/colour strength, the edge feathering and the mean
+    change a draw must reach (:func:`inspector.synth.severity.severity_params`); failed draws are
+    redrawn at the same strength, so the severity is not overridden.
     """
     img = _as_rgb(rgb)
+    base, step, feather = 1.0, 0.5, 2.0
+    if severity is not None:
+        from .severity import severity_params
+
+        sp = severity_params(severity, area)
+        area, base, step, min_mean_change = sp["area"], sp["strength"], 0.0, sp["min_mean_change"]
+        feather = 2.0 + 4.0 * (1.0 - float(severity))
     if kind == "any":
         kind = KINDS[int(rng.choice(len(KINDS), p=KIND_WEIGHTS))]
     if kind not in _MAKERS:
@@ -191,8 +204,8 @@ def make_defect(rgb: np.ndarray, rng: np.random.Generator, kind: str = "any", *,
     is_gray = int((img.max(axis=2).astype(np.int16) - img.min(axis=2)).max()) <= 2
     best = None
     for attempt in range(max_tries):
-        strength = 1.0 + 0.5 * attempt
-        blended, mask = _MAKERS[kind](img, rng, area, strength)
+        strength = base + step * attempt
+        blended, mask = _MAKERS[kind](img, rng, area, strength, feather)
         if is_gray:
             blended = np.repeat(blended.mean(axis=2, keepdims=True), 3, axis=2)
         if not mask.any():
