@@ -15,7 +15,9 @@ Two layers:
   after a lost source the next call (once the back-off has passed) reopens it.
 
 ``open_camera(spec)`` turns a user string into the right source: ``"0"`` (device index),
-``"rtsp://..."``/``"http(s)://..."`` (stream), a directory (folder replay) or a video file.
+``"rtsp://..."``/``"http(s)://..."`` (stream), ``"genicam://DEVICE_ID"`` (a GigE Vision / USB3
+Vision camera through Aravis, see :mod:`inspector.line.genicam`), a directory (folder replay) or
+a video file.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class Frame:
     name: str | None = None
     error: str | None = None
     state: str = "live"
+    #: source-specific facts about this frame (GenICam: frame_id, device_timestamp_ns, ...)
+    meta: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -221,6 +225,10 @@ def make_source(spec: str | int | os.PathLike, *, loop: bool = True, fps: float 
     s = str(spec).strip()
     if not s:
         raise ValueError("empty camera source")
+    if s.lower().startswith("genicam://"):  # GigE Vision / USB3 Vision through Aravis (optional extra)
+        from .line.genicam import GenICamSource
+
+        return GenICamSource.from_spec(s)
     if re.fullmatch(r"\d{1,3}", s):
         return OpenCVSource(int(s))
     if re.match(r"^(rtsp|rtsps|rtmp|http|https|udp|tcp)://", s, re.IGNORECASE):
@@ -301,7 +309,8 @@ class Camera:
                 return self._error(f"{self.label}: {exc}", lost=True)
             self.frames += 1
             self.state, self.last_error, self._delay, self._retry_at = "live", None, 0.0, 0.0
-            return Frame(image, self.frames, self.label, time.time(), name=name, state="live")
+            return Frame(image, self.frames, self.label, time.time(), name=name, state="live",
+                         meta=getattr(self.source, "last_meta", None))
 
     def _close_source(self) -> None:
         self._open = False
