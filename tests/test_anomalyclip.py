@@ -315,3 +315,159 @@ def test_cli_defaults_match_the_detector_without_importing_torch_at_parse_time()
 
     assert (train.DEFAULT_BACKBONE, train.N_CTX, train.T_N_CTX) == (
         anomalyclip.DEFAULT_BACKBONE, anomalyclip.N_CTX, anomalyclip.T_N_CTX)
+
+
+# -- official preset against an independent port of zqhang/AnomalyCLIP's test path ---------------
+
+
+@pytest.fixture(scope="module")
+def bb24():
+    """A 24-block tiny CLIP, so the official DPAM_layer=20 (last 19 blocks) and layer 24 apply as in ViT-L."""
+    import open_clip
+    from open_clip.model import CLIP
+
+    from inspector.backbone.vit import ClipBackbone
+
+    torch.manual_seed(11)
+    model = CLIP(embed_dim=32, quick_gelu=True,
+                 vision_cfg={"image_size": 64, "patch_size": 8, "width": 32, "layers": 24, "head_width": 16},
+                 text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 4})
+    return ClipBackbone(model, name="clip/tiny24", is_random=True, tokenizer=open_clip.get_tokenizer("ViT-B-16"))
+
+
+def _official_visual(visual, x, out_layers=(24,), dpam_layer=20):
+    """zqhang/AnomalyCLIP VisionTransformer.forward after DAPM_replace(DPAM_layer), written out:
+    bilinear position interpolation, dual path (V-V attention without FFN on the new path),
+    global = x_ori[CLS] @ proj (no ln_post), patches = ln_post(path) @ proj."""
+    import torch.nn.functional as F
+
+    t = visual.conv1(x)
+    b, c = t.shape[:2]
+    t = t.reshape(b, c, -1).permute(0, 2, 1)
+    t = torch.cat([visual.class_embedding + torch.zeros(b, 1, c), t], dim=1)
+    pos = visual.positional_embedding
+    side, new_side = int((pos.shape[0] - 1) ** 0.5), int((t.shape[1] - 1) ** 0.5)
+    if side != new_side:
+        g = pos[1:].reshape(-1, side, side, c).permute(0, 3, 1, 2)
+        g = F.interpolate(g, (new_side, new_side), mode="bilinear")
+        pos = torch.cat([pos[:1], g.reshape(-1, c, new_side * new_side).transpose(1, 2)[0]], 0)
+    t = visual.ln_pre(t + pos)
+    blocks = visual.transformer.resblocks
+    n_blocks = len(blocks)
+    replaced = {n_blocks - i for i in range(1, dpam_layer)}  # resblocks[-i], 0-based indices
+
+    def attn_pair(blk, a):
+        heads = blk.attn.num_heads
+        qkv = F.linear(a, blk.attn.in_proj_weight, blk.attn.in_proj_bias)
+        qkv = qkv.reshape(b, a.shape[1], 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scale = (c // heads) ** -0.5
+        ori = ((q @ k.transpose(-2, -1)) * scale).softmax(-1) @ v
+        vv = ((v @ v.transpose(-2, -1)) * scale).softmax(-1) @ v
+        proj = lambda o: F.linear(o.transpose(1, 2).reshape(b, -1, c), blk.attn.out_proj.weight,  # noqa: E731
+                                  blk.attn.out_proj.bias)
+        return proj(vv), proj(ori)
+
+    path, ori, tokens = t, None, []
+    for idx, blk in enumerate(blocks):
+        if idx in replaced:
+            src = path if ori is None else ori
+            vv_res, ori_res = attn_pair(blk, blk.ln_1(src))
+            ori = src + ori_res
+            ori = ori + blk.mlp(blk.ln_2(ori))
+            path = path + vv_res
+        else:
+            path = path + blk.attn(blk.ln_1(path), blk.ln_1(path), blk.ln_1(path), need_weights=False)[0]
+            path = path + blk.mlp(blk.ln_2(path))
+        if idx + 1 in out_layers:
+            tokens.append(path)
+    final = ori if ori is not None else path
+    return final[:, 0] @ visual.proj, [visual.ln_post(p) @ visual.proj for p in tokens]
+
+
+def test_official_preset_matches_official_test_path(bb24):
+    """Image size 80 (patch grid 10x10, native 8x8): interpolation, upsampling and the scores."""
+    from scipy.ndimage import gaussian_filter
+
+    det = AnomalyCLIP(bb24, seed=2)  # preset "official" is the default
+    cfg = det.config
+    assert cfg.feature_layers == (23,) and cfg.dpam_start == 5 and cfg.map_weight == 0
+    assert cfg.pos_interp == "bilinear" and not cfg.global_ln_post and cfg.train_splits == ("test",)
+    x = torch.randn(3, 3, 80, 80, generator=torch.Generator().manual_seed(4))
+    res = det.score(x)
+    with torch.no_grad():
+        text = det.text_features()  # [2, E], normal first (checked against encode_text above)
+        g, patches = _official_visual(bb24.model.visual, x)
+        g = g / g.norm(dim=-1, keepdim=True)
+        p_img = (g @ text.t() / 0.07).softmax(-1)[:, 1]
+        maps = []
+        for p in patches:
+            p = p / p.norm(dim=-1, keepdim=True)
+            sim = (p @ text.t() / 0.07).softmax(-1)[:, 1:, :]  # drop the CLS row
+            side = int(sim.shape[1] ** 0.5)
+            sim = torch.nn.functional.interpolate(sim.reshape(3, side, side, 2).permute(0, 3, 1, 2), (80, 80),
+                                                  mode="bilinear").permute(0, 2, 3, 1)
+            maps.append((sim[..., 1] + 1 - sim[..., 0]) / 2.0)
+        amap = torch.stack(maps).sum(0)
+        amap = np.stack([gaussian_filter(m, sigma=4) for m in amap.numpy()])
+    torch.testing.assert_close(res.scores, p_img.float(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(res.maps.numpy(), amap, rtol=1e-4, atol=1e-5)
+
+
+def test_project_preset_differs_from_official(bb24):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    off = AnomalyCLIP(bb24, seed=2).score(x)
+    proj = AnomalyCLIP(bb24, seed=2, preset="project")
+    assert len(proj.config.feature_layers) == 4 and proj.config.map_weight == 0.5 and proj.config.global_ln_post
+    assert not torch.allclose(off.scores, proj.score(x).scores)
+
+
+def test_register_without_prompts_stops_with_a_clear_error(tmp_path, bb24):
+    """A production CLIP without a prompt checkpoint: no silent random prompts."""
+    bb24.is_random = False
+    try:
+        with pytest.raises(MissingWeightsError, match="needs trained prompts.*inspector weights import"):
+            AnomalyCLIP(bb24)
+    finally:
+        bb24.is_random = True
+
+
+def test_official_checkpoint_imports_and_scores(tmp_path, bb, images):
+    """A tiny checkpoint in the official key layout ({'prompt_learner': ...}, ctx_pos [1,1,n,D],
+    compound_prompts_text.{i}, projections and token buffers) imports, with the official preset."""
+    from inspector.cli import main
+    from inspector.detectors.anomalyclip import import_official_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    dim = bb.model.ln_final.weight.shape[0]
+    sd = {"ctx_pos": torch.randn(1, 1, 12, dim, generator=g).half(), "ctx_neg": torch.randn(1, 1, 12, dim, generator=g).half()}
+    for i in range(2):  # depth 3 of the 4-block tiny text tower
+        sd[f"compound_prompts_text.{i}"] = torch.randn(4, dim, generator=g)
+        sd[f"compound_prompt_projections.{i}.weight"] = torch.randn(896, dim, generator=g)
+        sd[f"compound_prompt_projections.{i}.bias"] = torch.randn(896, generator=g)
+    for k in ("token_prefix_pos", "token_suffix_pos", "token_prefix_neg", "token_suffix_neg"):
+        sd[k] = torch.randn(1, 1, 3, dim, generator=g)
+    src = tmp_path / "epoch_15.pth"
+    torch.save({"prompt_learner": sd}, src)
+    mdir = tmp_path / "models"
+    assert main(["weights", "import", str(src), "--as", "anomalyclip/visa", "--backbone", "clip/tiny",
+                 "--models-dir", str(mdir)]) == 0
+    tensors, cfg = read_checkpoint(mdir / "anomalyclip" / "visa.safetensors")
+    assert set(tensors) == {"ctx_normal", "ctx_abnormal", "deep.0", "deep.1"}
+    assert torch.equal(tensors["ctx_normal"], sd["ctx_pos"][0, 0].float())
+    assert torch.equal(tensors["ctx_abnormal"], sd["ctx_neg"][0, 0].float())
+    assert torch.equal(tensors["deep.1"], sd["compound_prompts_text.1"])
+    assert cfg["preset"] == "official" and cfg["feature_layers"] == [3] and cfg["depth"] == 3
+    det = AnomalyCLIP(bb, checkpoint=mdir / "anomalyclip" / "visa.safetensors")
+    res = det.score(images)
+    assert res.maps.shape == (4, 64, 64) and ((res.scores >= 0) & (res.scores <= 1)).all()
+    assert torch.equal(det.prompts.ctx_normal.detach(), tensors["ctx_normal"])
+    # a checkpoint for another CLIP (text width 768) does not fit clip/tiny: exit code 3
+    big = {"prompt_learner": {"ctx_pos": torch.zeros(1, 1, 12, 768), "ctx_neg": torch.zeros(1, 1, 12, 768)}}
+    torch.save(big, tmp_path / "big.pth")
+    assert main(["weights", "import", str(tmp_path / "big.pth"), "--as", "anomalyclip/x", "--backbone", "clip/tiny",
+                 "--models-dir", str(mdir)]) == 3
+    # not an AnomalyCLIP file at all (and nothing executed: weights_only)
+    torch.save({"model": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(MissingWeightsError, match="not an official AnomalyCLIP checkpoint"):
+        import_official_checkpoint(tmp_path / "other.pth", "y", mdir, backbone="clip/tiny")

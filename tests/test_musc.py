@@ -432,3 +432,101 @@ def test_aligned_mode_on_fixtured_parts(lite0, brick, artifacts_dir):
         peak = divmod(int(r.maps[k].argmax()), 128)
         assert (cv2.dilate(mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0)[peak]
     assert al.last_info["flops"] * 10 < full.last_info["flops"]
+
+
+# ---------------------------------------------------------------------------------------------
+# preset="official" against a port of xrli-U/MuSc models/musc.py (image size != patch grid)
+# ---------------------------------------------------------------------------------------------
+
+
+def _official_musc(layers: list[torch.Tensor], cls: torch.Tensor, image_size: int, r_list=(1, 3, 5),
+                   k_list=(1, 2, 3)) -> tuple[np.ndarray, np.ndarray]:
+    """The official pipeline on CLS-prefixed tokens ``[N, 1+L, C]`` per layer: LNAMD (Unfold +
+    adaptive_avg_pool1d), MSM (compute_scores_fast), bilinear upsampling with align_corners=True,
+    image score = max of the upsampled map, RsCIN (MMO with row loops)."""
+    with torch.no_grad():
+        return _official_musc_impl(layers, cls, image_size, r_list, k_list)
+
+
+def _official_musc_impl(layers, cls, image_size, r_list, k_list):
+    n = cls.shape[0]
+    maps_r = []
+    for r in r_list:
+        z_layers = []
+        for feat in layers:
+            f = feat[:, 1:, :].double()
+            side = int(math.sqrt(f.shape[1]))
+            f = f.reshape(n, side, side, -1).permute(0, 3, 1, 2)
+            f = torch.nn.LayerNorm(list(f.shape[1:]), dtype=torch.float64)(f)
+            c = f.shape[1]
+            if r != 1:
+                u = torch.nn.Unfold(kernel_size=r, stride=1, padding=(r - 1) // 2)(f)
+                u = u.reshape(n, c, r, r, -1).permute(0, 4, 1, 2, 3)  # [N, L, C, r, r]
+                f = F.adaptive_avg_pool1d(u.reshape(-1, 1, c * r * r), c).reshape(n, -1, c)
+            else:
+                f = f.reshape(n, c, -1).permute(0, 2, 1)
+            z_layers.append(f / f.norm(dim=-1, keepdim=True))
+        maps_l = []
+        for z in z_layers:
+            rows = []
+            for i in range(n):
+                ref = torch.cat((z[:i], z[i + 1:]))
+                p2i = torch.cdist(z[i:i + 1], ref.reshape(-1, z.shape[-1])).reshape(z.shape[1], n - 1, z.shape[1])
+                p2i = p2i.min(-1)[0]
+                k_max, k_min = int(p2i.shape[1] * 0.3), 0
+                vals = torch.topk(p2i, k_max, largest=False, sorted=True)[0]
+                vals = torch.topk(vals, k_max - k_min, largest=True, sorted=True)[0]
+                rows.append(vals.mean(1))
+            maps_l.append(torch.stack(rows))
+        maps_r.append(torch.stack(maps_l).mean(0))
+    amap = torch.stack(maps_r).mean(0)
+    side = int(math.sqrt(amap.shape[1]))
+    amap = F.interpolate(amap.view(n, 1, side, side), size=image_size, mode="bilinear", align_corners=True)
+    amap = amap.numpy()
+    score = amap.reshape(n, -1).max(-1)
+    # RsCIN
+    s = (score - score.min()) / (score.max() - score.min())
+    tok = cls.double().numpy()
+    w = torch.tensor(tok @ tok.T)
+    outs = []
+    for k in k_list:
+        _, idx = torch.topk(w, w.shape[0] - k, largest=False, sorted=True)
+        wm = w.clone()
+        for i in range(n):
+            wm[i, idx[i]] = 0
+        d = torch.zeros_like(w)
+        for i in range(n):
+            d[i, i] = 1 / wm[i].sum()
+        outs.append((d @ wm) @ torch.tensor(s).unsqueeze(-1))
+    return amap[:, 0], torch.cat(outs, -1).mean(-1).numpy()
+
+
+@pytest.mark.parametrize("dataset, k_list", [("mvtec", (1, 2, 3)), ("visa", (1, 8, 9))])
+def test_official_preset_matches_official_pipeline(tiny_cnn, dataset, k_list):
+    g = torch.Generator().manual_seed(7)
+    n, side, size = 10, 5, 40  # 5x5 grid to 40 px (39/4 not whole): interior patch centres fall between pixels
+    tokens = [torch.randn(n, 1 + side * side, c, generator=g) for c in (6, 4)]
+    glob = F.normalize(torch.rand(n, 8, generator=g) + 0.1, dim=-1)  # positive similarities, as CLIP's
+    feats = {f"l{i}": t[:, 1:].reshape(n, side, side, -1) for i, t in enumerate(tokens)}
+    m = MuSc(tiny_cnn, preset="official", dataset=dataset)
+    assert m.rscin_k == k_list and not m.position_norm and m.sigma == 0 and m.align_corners
+    res = m.score_features(feats, image_size=(size, size), image_features=glob)
+    maps, scores = _official_musc(tokens, glob, size, k_list=k_list)
+    np.testing.assert_allclose(res.maps.numpy(), maps, atol=1e-5, rtol=0)
+    raw = m.last_info["raw_scores"].double()
+    ours = (res.scores.double() - raw.min()) / (raw.max() - raw.min())  # the official [0, 1] RsCIN output
+    np.testing.assert_allclose(ours.numpy(), scores, atol=1e-5, rtol=0)
+    # the upsampled max differs from the patch-grid max: the image-score rule is exercised
+    assert (m.last_info["raw_scores"] < m.last_info["patch_scores"].flatten(1).amax(1) - 1e-6).any()
+
+
+def test_project_preset_is_the_default_and_differs(tiny_cnn):
+    feats = _feats(8, 5, 5, seed=9)
+    d = MuSc(tiny_cnn)
+    assert d.preset == "project" and d.position_norm and d.sigma == 4.0 and not d.align_corners
+    a = d.score_features(feats, image_size=(37, 37))
+    b = MuSc(tiny_cnn, preset="official").score_features(feats, image_size=(37, 37))
+    assert not torch.allclose(a.maps, b.maps)
+    with pytest.raises(ValueError, match="preset"):
+        MuSc(tiny_cnn, preset="paper")
+    assert MuSc.from_state(tiny_cnn, {}, MuSc(tiny_cnn, preset="official", dataset="visa").config()).rscin_k == (1, 8, 9)

@@ -46,7 +46,7 @@ def _even_layers(depth: int, count: int = 4) -> tuple[int, ...]:
     AnomalyCLIP uses layers 6/12/18/24 of ViT-L (1-based); this generalises it by depth.
     """
     step = depth / count
-    return tuple(int(round(step * (i + 1))) - 1 for i in range(count))
+    return tuple(sorted({min(depth - 1, max(0, int(round(step * (i + 1))) - 1)) for i in range(count)}))
 
 
 def vv_attention(blk: nn.Module, a: Tensor) -> Tensor:
@@ -87,8 +87,9 @@ class ClipBackbone(PatchBackbone):
     """open_clip visual tower; patch tokens of blocks ``layer_ids`` (0-based) after each block.
 
     Any input size: the positional embedding is interpolated to the input's patch grid with
-    ``pos_interp`` (``bicubic``, as open_clip's ``resize_pos_embed`` and the official MuSc; or
-    ``bilinear``, as the official AnomalyCLIP), ``align_corners=False``. :meth:`run` is the one
+    ``pos_interp``, ``align_corners=False``, no antialias: ``bicubic`` as the official MuSc (its
+    vendored open_clip ``resize_pos_embed``; current open_clip adds ``antialias=True``, another
+    bicubic kernel) or ``bilinear`` as the official AnomalyCLIP. Non-square grids work too. :meth:`run` is the one
     forward shared by MuSc and AnomalyCLIP (:class:`ClipPass`).
     """
 

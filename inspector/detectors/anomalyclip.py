@@ -96,6 +96,7 @@ class AnomalyCLIPConfig:
     global_ln_post: bool = False  # official: global embedding = CLS @ proj, without ln_post
     map_loss_weight: float = MAP_LOSS_WEIGHT
     train_splits: tuple[str, ...] = ("test",)  # official: the test split of the auxiliary set
+    blur_padding: str = "symmetric"  # official: scipy gaussian_filter (edge repeated)
     preset: str = "official"
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -130,10 +131,10 @@ class AnomalyCLIPConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "official": {"feature_layers": "last", "dpam_start": "official", "pos_interp": "bilinear",
                  "global_ln_post": False, "map_weight": 0.0, "sigma": 4.0, "map_loss_weight": MAP_LOSS_WEIGHT,
-                 "train_splits": ("test",)},
+                 "train_splits": ("test",), "blur_padding": "symmetric"},
     "project": {"feature_layers": "even", "dpam_start": "auto", "pos_interp": "bicubic",
                 "global_ln_post": True, "map_weight": 0.5, "sigma": 4.0, "map_loss_weight": MAP_LOSS_WEIGHT,
-                "train_splits": ("train", "test")},
+                "train_splits": ("train", "test"), "blur_padding": "reflect"},
 }
 OFFICIAL_DPAM_LAYER = 20  # official DPAM_layer: blocks [-1 .. -(DPAM_layer-1)] get the V-V path
 OFFICIAL_IMAGE_SIZE = 518  # official test/train resolution for ViT-L/14@336px
@@ -267,7 +268,7 @@ def anomaly_outputs(config: AnomalyCLIPConfig, logits: Tensor, maps: Sequence[Te
     """Map ``[B,H,W]`` (anomaly channel averaged over layers, Gaussian ``sigma``) and image score
     ``(1 - map_weight) * p_anomalous(global) + map_weight * max(map)`` (official: weight 0)."""
     amap = torch.stack([m[:, 1] for m in maps]).mean(0)
-    amap = gaussian_blur(amap.float(), config.sigma).clamp(0.0, 1.0)
+    amap = gaussian_blur(amap.float(), config.sigma, config.blur_padding).clamp(0.0, 1.0)
     p_global = logits.float().softmax(-1)[:, 1]
     w = config.map_weight
     scores = p_global if w == 0 else (1 - w) * p_global + w * amap.flatten(1).amax(1)
@@ -348,7 +349,7 @@ class AnomalyCLIP:
                  temperature: float = TEMPERATURE, sigma: float | None = None, map_weight: float | None = None,
                  pos_interp: str | None = None, global_ln_post: bool | None = None,
                  map_loss_weight: float | None = None, train_splits: Sequence[str] | None = None,
-                 normal_text: str = "object", abnormal_text: str = "damaged object", seed: int = 0,
+                 blur_padding: str | None = None, normal_text: str = "object", abnormal_text: str = "damaged object", seed: int = 0,
                  chunk: int = 16, checkpoint: str | os.PathLike | None = None, random_prompts: bool = False,
                  image_size: int | None = None, device: str | torch.device | None = None):
         if preset not in PRESETS:
@@ -368,6 +369,7 @@ class AnomalyCLIP:
             global_ln_post = c.global_ln_post if global_ln_post is None else global_ln_post
             map_loss_weight = c.map_loss_weight if map_loss_weight is None else map_loss_weight
             train_splits = c.train_splits if train_splits is None else train_splits
+            blur_padding = c.blur_padding if blur_padding is None else blur_padding
             image_size = c.image_size if image_size is None else image_size
             if isinstance(backbone, str) and backbone != c.backbone:
                 backbone = c.backbone if backbone == DEFAULT_BACKBONE else backbone
@@ -417,6 +419,7 @@ class AnomalyCLIP:
             global_ln_post=p["global_ln_post"] if global_ln_post is None else bool(global_ln_post),
             map_loss_weight=p["map_loss_weight"] if map_loss_weight is None else float(map_loss_weight),
             train_splits=tuple(p["train_splits"] if train_splits is None else train_splits), preset=preset,
+            blur_padding=p["blur_padding"] if blur_padding is None else blur_padding,
         )
         if self.config.pos_interp not in ("bicubic", "bilinear"):
             raise ValueError(f"pos_interp must be bicubic or bilinear, got {self.config.pos_interp!r}")
@@ -456,7 +459,7 @@ class AnomalyCLIP:
                   feature_layers=cfg.feature_layers, dpam_start=cfg.dpam_start, temperature=cfg.temperature,
                   sigma=cfg.sigma, map_weight=cfg.map_weight, pos_interp=cfg.pos_interp,
                   global_ln_post=cfg.global_ln_post, map_loss_weight=cfg.map_loss_weight,
-                  train_splits=cfg.train_splits, normal_text=cfg.normal_text, abnormal_text=cfg.abnormal_text,
+                  train_splits=cfg.train_splits, blur_padding=cfg.blur_padding, normal_text=cfg.normal_text, abnormal_text=cfg.abnormal_text,
                   seed=cfg.seed, image_size=cfg.image_size, random_prompts=True)
         det.config.training = cfg.training
         det.load_tensors(tensors)
@@ -583,6 +586,10 @@ class AnomalyCLIP:
                 out = self.backbone.run(x, **pass_spec(self.config))
                 results.append(self.score_pass(out, (int(x.shape[-2]), int(x.shape[-1]))))
         return AnomalyResult.cat(results)
+
+    def pass_spec(self) -> dict[str, Any]:
+        """What this detector needs from a shared :meth:`ClipBackbone.run` (:func:`pass_spec`)."""
+        return pass_spec(self.config)
 
     def score_pass(self, out, size: tuple[int, int]) -> AnomalyResult:
         """Score from a shared backbone pass (:meth:`ClipBackbone.run` with at least :func:`pass_spec`)."""
@@ -723,6 +730,7 @@ def import_official_checkpoint(src: str | os.PathLike, name: str, models_root: P
     config = AnomalyCLIPConfig(
         backbone=backbone, n_ctx=int(n_ctx), depth=len(deep) + 1, t_n_ctx=t_n_ctx, feature_layers=(vis_layers - 1,),
         dpam_start=official_dpam_start(vis_layers), map_weight=0.0, pos_interp="bilinear", global_ln_post=False,
+        blur_padding="symmetric",
         image_size=OFFICIAL_IMAGE_SIZE if backbone == DEFAULT_BACKBONE else None, preset="official",
         training={"source": "official zqhang/AnomalyCLIP checkpoint", "file": src.name, "sha256": sha},
     )
