@@ -29,7 +29,9 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import time
 import uuid
 from collections import deque
@@ -43,7 +45,10 @@ import numpy as np
 
 from . import io as imio
 from .heatmap import MAX_SIDE, save_heatmap
+from .paths import decode_source
 from .verdict import ERROR
+
+log = logging.getLogger(__name__)
 
 HEATMAP_MODES = ("all", "flagged", "none")
 
@@ -93,40 +98,51 @@ def batch_id_for(folder: str | os.PathLike, product: str, version: str) -> str:
 
 
 def iter_files(folder: Path, exclude: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Regular files under ``folder`` (recursive, sorted, hidden names skipped), lazily."""
-    excl = {p.resolve() for p in exclude}
-    stack = [folder]
+    """Every entry under ``folder`` that is not a real sub-folder (recursive, sorted, hidden names
+    skipped), lazily. Never raises: what cannot be scored is still yielded, so that it gets its
+    ERROR row from :func:`load_file` -- dangling links, link loops, links to folders (not
+    followed), FIFOs and devices, and folders that cannot be listed (yielded themselves)."""
+    excl = {os.path.realpath(p) for p in exclude}
+    stack = [Path(folder)]
     while stack:
         d = stack.pop()
         try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
         except OSError:
+            if d != folder:
+                yield d  # an unreadable sub-folder: one ERROR row says so
             continue
         subdirs = []
         for e in entries:
             if e.name.startswith("."):
                 continue
             p = Path(e.path)
-            if e.is_dir(follow_symlinks=False):
-                if p.resolve() not in excl:
+            try:
+                real_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                real_dir = False
+            if real_dir:
+                if os.path.realpath(p) not in excl:
                     subdirs.append(p)
-            elif e.is_file():
+            else:
                 yield p
         stack.extend(reversed(subdirs))
 
 
-def load_file(path: Path, max_pixels: int | None = None, resize: Callable | None = None) -> _Loaded:
+def load_file(path: Path, max_pixels: int | None = None, resize: Callable | None = None,
+              roots: tuple[Path, ...] | None = None) -> _Loaded:
     """Read + hash + decode one file; never raises for bad input (returns the reason).
-    ``resize``: the model's input resize (``Preprocess.resize``), applied here in the worker."""
+    ``resize``: the model's input resize (``Preprocess.resize``), applied here in the worker.
+    ``roots``: the opened file (symlinks resolved) must lie under one of them."""
     try:
-        size = path.stat().st_size
-        if size > imio.MAX_BYTES:
-            raise imio.ImageError(str(path), f"file too large ({size} bytes > {imio.MAX_BYTES})")
-        data = path.read_bytes()
+        if os.path.islink(path) and os.path.isdir(path):
+            raise imio.ImageError(str(path), "a link to a folder (not followed)")
+        data = imio.read_file_bytes(path, str(path), roots=roots)
     except imio.ImageError as exc:
         return _Loaded(path, None, None, exc.reason)
-    except OSError as exc:
-        return _Loaded(path, None, None, f"unreadable: {exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - one file's problem only
+        return _Loaded(path, None, None, f"unreadable ({type(exc).__name__}: {exc})")
     sha = hashlib.sha256(data).hexdigest()
     try:
         rgb = imio.read_image(data, max_pixels=max_pixels, name=str(path))
@@ -139,19 +155,20 @@ def load_file(path: Path, max_pixels: int | None = None, resize: Callable | None
     return _Loaded(path, sha, resize(rgb), None, display_copy(rgb))
 
 
-def _prefetch(pool: ThreadPoolExecutor, paths: list[Path], window: int, max_pixels, resize) -> Iterator[_Loaded]:
+def _prefetch(pool: ThreadPoolExecutor, paths: list[Path], window: int, max_pixels, resize,
+              roots=None) -> Iterator[_Loaded]:
     """Decode ahead in ``pool`` with at most ``window`` files in flight, in order."""
     it = iter(paths)
     pending: deque[Future] = deque()
     for p in it:
-        pending.append(pool.submit(load_file, p, max_pixels, resize))
+        pending.append(pool.submit(load_file, p, max_pixels, resize, roots))
         if len(pending) >= window:
             break
     while pending:
         item = pending.popleft().result()
         nxt = next(it, None)
         if nxt is not None:
-            pending.append(pool.submit(load_file, nxt, max_pixels, resize))
+            pending.append(pool.submit(load_file, nxt, max_pixels, resize, roots))
         yield item
 
 
@@ -203,11 +220,14 @@ def run_batch(folder: str | os.PathLike, product, registry, store, out_dir: str 
               batch_size: int = 8, progress: bool = True, resume: bool = True, runtime: str = "torch",
               heatmaps: str = "all", data_dir: str | os.PathLike | None = None, workers: int | None = None,
               max_pixels: int | None = None, musc_subset: int = 64,
-              on_progress: Callable[[int, int], None] | None = None, report: bool = True) -> BatchSummary:
+              on_progress: Callable[[int, int], None] | None = None, report: bool = True,
+              roots: tuple[str | os.PathLike, ...] | None = None) -> BatchSummary:
     """Score every file under ``folder`` with ``product`` (name or Product); see the module docstring.
 
     ``heatmaps``: ``all`` (a PNG per scored image), ``flagged`` (UNCERTAIN and NG only) or ``none``.
     ``resume=False`` starts a new batch (new id) instead of continuing the folder's batch.
+    ``roots``: confine reads to these folders after symlink resolution (the station passes its
+    allowed roots); a file whose link leads elsewhere gets an ERROR row, its content unread.
     """
     t_start = time.perf_counter()
     prod = registry.get(product) if isinstance(product, str) else product
@@ -226,12 +246,13 @@ def run_batch(folder: str | os.PathLike, product, registry, store, out_dir: str 
     rt = registry.runtime(prod, runtime)  # fail early (unknown runtime, missing weights)
 
     files = list(iter_files(folder, exclude=(out, data_dir)))
-    done = store.batch_sources(batch_id) if resume else set()
+    done = {decode_source(s) for s in store.batch_sources(batch_id)} if resume else set()
     todo = [p for p in files if str(p) not in done]
     n_skipped = len(files) - len(todo)
     bar = _Progress(len(files), n_skipped, progress, f"{prod.name} {folder.name}", on_progress)
     workers = workers or min(4, os.cpu_count() or 1)
-    ctx = _Ctx(prod, registry, store, rt, runtime, batch_id, folder, hm_dir, heatmaps, bar, max_pixels)
+    ctx = _Ctx(prod, registry, store, rt, runtime, batch_id, folder, hm_dir, heatmaps, bar, max_pixels,
+               roots=None if roots is None else tuple(Path(r) for r in roots))
     n_new = 0
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="batch-io") as pool:
@@ -273,6 +294,7 @@ class _Ctx:
     bar: _Progress
     max_pixels: int | None
     pool: ThreadPoolExecutor | None = None
+    roots: tuple[Path, ...] | None = None
 
     def error_row(self, item: _Loaded) -> dict:
         return dict(product=self.prod.name, source=str(item.path), image_sha256=item.sha256, score=None,
@@ -280,8 +302,9 @@ class _Ctx:
 
     def heatmap_path(self, path: Path) -> Path:
         rel = path.relative_to(self.folder)
-        tag = hashlib.sha1(str(rel).encode()).hexdigest()[:10]
-        return self.hm_dir / f"{tag}_{path.stem[:60]}.png"
+        tag = hashlib.sha1(os.fsencode(rel)).hexdigest()[:10]
+        stem = re.sub(r"[^\w.-]", "_", path.stem[:60])  # any name (non-UTF-8 too) gives a writable one
+        return self.hm_dir / f"{tag}_{stem}.png"
 
     def rows_for(self, items: list[_Loaded], res, ms: float) -> tuple[list[dict], list[Future]]:
         """Rows for scored items and the futures of their heatmap PNGs (written in the pool). The
@@ -320,9 +343,16 @@ class _Ctx:
             return rows, futs
 
     def commit(self, rows: list[dict], futs: list[Future]) -> int:
-        """Wait for the rows' heatmaps, then insert the rows in one transaction; advance the bar."""
+        """Wait for the rows' heatmaps, then insert the rows in one transaction; advance the bar.
+        A heatmap that could not be written is dropped from its row (the score is still recorded)."""
         for f in futs:
-            f.result()
+            try:
+                f.result()
+            except Exception:  # noqa: BLE001 - e.g. disk full: the row without its picture
+                log.exception("heatmap write failed")
+        for r in rows:
+            if r.get("heatmap_path") and not os.path.isfile(r["heatmap_path"]):
+                r["heatmap_path"] = None
         n = self.store.record_inspections(rows)
         self.bar.advance(len(rows), sum(1 for r in rows if r["verdict"] == ERROR))
         return n
@@ -344,7 +374,7 @@ def _run_independent(ctx: _Ctx, todo: list[Path], batch_size: int) -> int:
         pending = (errors + rows, futs)
         good, errors = [], []
 
-    for item in _prefetch(ctx.pool, todo, 3 * batch_size, ctx.max_pixels, ctx.rt.resize):
+    for item in _prefetch(ctx.pool, todo, 3 * batch_size, ctx.max_pixels, ctx.rt.resize, ctx.roots):
         if item.error is not None:
             errors.append(ctx.error_row(item))
         else:
@@ -373,7 +403,7 @@ def _run_mutual(ctx: _Ctx, files: list[Path], done: set[str], batch_size: int, s
         if not missing:
             continue
         rows, good, futs = [], [], []
-        for item in _prefetch(ctx.pool, members, 2 * batch_size, ctx.max_pixels, ctx.rt.resize):
+        for item in _prefetch(ctx.pool, members, 2 * batch_size, ctx.max_pixels, ctx.rt.resize, ctx.roots):
             if item.error is not None:
                 if str(item.path) not in done:
                     rows.append(ctx.error_row(item))

@@ -4,24 +4,55 @@ Reads a path, raw bytes, or an in-memory array into a validated RGB ``uint8`` ar
 (H, W, 3). Whatever the source, a bad input raises :class:`ImageError` naming the source and
 the reason, so a batch can record it and go on with the next file.
 
-Handled: 8- and 16-bit, grayscale, gray+alpha, RGB, RGBA (alpha is composited on white,
-the way a viewer shows it), float arrays in [0, 1].
-Refused: missing, empty, corrupt or non-image files, wrong Python types, zero-sized images,
-and images above a pixel limit (decompression bombs; configurable).
+Handled: 8- and 16-bit, grayscale, gray+alpha, RGB, RGBA, float arrays in [0, 1].
+
+**The alpha rule** (one rule for every entry point: CLI, batch, station upload, camera): alpha is
+composited on white, the way a viewer shows a transparent image, in :func:`to_rgb8`. The station's
+upload widgets hand the file over untouched (``image_mode=None``), so an RGBA file scores the same
+in the station as with ``inspector inspect``.
+
+Refused: missing, unreadable, empty, corrupt or non-image files, formats outside
+:data:`FORMATS`, wrong Python types, images smaller than :data:`MIN_SIDE` pixels a side, and
+images above a pixel limit. **Decompression bombs** (a 2 KB JPEG claiming 32000x32000 pixels)
+are refused from the header, before any pixel is decoded: Pillow's ``Image.open`` parses only the
+header of every accepted format, and the width x height it reports is checked against the limit
+before OpenCV decodes. Second lines, in case a header parser and a decoder ever disagree:
+OpenCV's own decoder cap ``OPENCV_IO_MAX_IMAGE_PIXELS`` (set here before OpenCV is first
+imported; ``inspector/__init__`` does it too) and Pillow's ``MAX_IMAGE_PIXELS`` (Pillow refuses
+above twice it), both set to the process-wide :data:`MAX_PIXELS`.
 """
 
 from __future__ import annotations
 
+import io as _io
 import os
+import stat as _stat
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
+
+from .paths import display, within
 
 #: Default upper bound on width*height. 50 MP covers line-scan crops and 8K sensors.
 MAX_PIXELS = int(os.environ.get("INSPECTOR_MAX_PIXELS", 50_000_000))
 #: Default upper bound on encoded file size, checked before decoding.
 MAX_BYTES = int(os.environ.get("INSPECTOR_MAX_BYTES", 200 * 1024 * 1024))
+#: Smallest accepted side: a 1x1 (or 3x500) "image" carries no part to inspect.
+MIN_SIDE = int(os.environ.get("INSPECTOR_MIN_SIDE", 8))
+#: Pillow format names accepted (what the header says, not the file suffix). MPO is a camera JPEG.
+FORMATS = frozenset({"PNG", "JPEG", "MPO", "BMP", "DIB", "TIFF", "WEBP"})
+
+# Decoder-level caps (second line). OpenCV reads its variable once, when the library loads.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
+
+import cv2  # noqa: E402
+from PIL import Image  # noqa: E402
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+Image.init()  # register every plugin once, so that ``formats=`` below can name them
+_PIL_FORMATS = [f for f in Image.ID if f in FORMATS]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -63,17 +94,7 @@ def read_image(
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = np.frombuffer(bytes(source), dtype=np.uint8)
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise ImageError(label, "file not found")
-        if not path.is_file():
-            raise ImageError(label, "not a regular file")
-        size = path.stat().st_size
-        if size == 0:
-            raise ImageError(label, "empty file")
-        if size > MAX_BYTES:
-            raise ImageError(label, f"file too large ({size} bytes > {MAX_BYTES})")
-        data = np.fromfile(str(path), dtype=np.uint8)
+        data = np.frombuffer(read_file_bytes(source, label), dtype=np.uint8)
     else:
         raise ImageError(label, f"unsupported input type {type(source).__name__}; expected path, bytes or array")
     if data.size == 0:
@@ -90,14 +111,82 @@ def read_image(
     return to_rgb8(img, label, max_pixels=limit)
 
 
+def read_file_bytes(path: str | os.PathLike, label: str | None = None, *,
+                    roots: Sequence[str | os.PathLike] | None = None) -> bytes:
+    """The bytes of a regular file, or :class:`ImageError` (missing, dangling link, link loop,
+    permission denied, a folder or a FIFO, above :data:`MAX_BYTES`; an empty file gives ``b""``). Never blocks on a FIFO:
+    the type is checked on the opened descriptor.
+
+    ``roots``: the file actually opened (symlinks resolved, read back from the descriptor, so a
+    link swapped between check and open cannot escape) must lie under one of them."""
+    label = label or str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        reason = "dangling link" if os.path.islink(path) else "file not found"
+        raise ImageError(label, reason) from None
+    except IsADirectoryError:
+        raise ImageError(label, "not a regular file (a folder)") from None
+    except OSError as exc:
+        raise ImageError(label, f"unreadable: {exc.strerror or exc}") from None
+    try:
+        if roots is not None and not within(_opened_path(fd, path), roots):
+            raise ImageError(label, "outside the allowed folders (after following links)")
+        st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode):
+            kind = "a folder" if _stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
+            raise ImageError(label, f"not a regular file ({kind})")
+        if st.st_size > MAX_BYTES:
+            raise ImageError(label, f"file too large ({st.st_size} bytes > {MAX_BYTES})")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            return f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise ImageError(label, f"unreadable: {exc.strerror or exc}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _opened_path(fd: int, path: str | os.PathLike) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc (not Linux): resolve the name instead
+        return os.path.realpath(path)
+
+
+def image_header(data: bytes | np.ndarray) -> tuple[str, int, int]:
+    """``(format, width, height)`` from the header alone (Pillow parses it; no pixel is decoded).
+    Raises ``ValueError`` when no accepted format recognises the bytes."""
+    buf = memoryview(data) if isinstance(data, np.ndarray) else data
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns above its own limit; the caller decides
+            with Image.open(_io.BytesIO(buf), formats=_PIL_FORMATS) as im:
+                return str(im.format), int(im.size[0]), int(im.size[1])
+    except Image.DecompressionBombError as exc:
+        raise _Bomb(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure means "not an accepted image"
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+
+class _Bomb(ValueError):
+    """Pillow's own cap fired while parsing the header (claims above twice MAX_PIXELS)."""
+
+
 def _check_header_size(data: np.ndarray, label: str, limit: int) -> None:
-    """Refuse decompression bombs from the header, before allocating the decoded image."""
-    head = data[:32].tobytes()
-    w = h = None
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    if w is not None and h is not None and w * h > limit:
+    """Refuse decompression bombs (and formats outside :data:`FORMATS`) from the header, before a
+    single pixel is decoded."""
+    try:
+        fmt, w, h = image_header(data)
+    except _Bomb as exc:
+        raise ImageError(label, f"image too large ({exc})") from None
+    except ValueError:
+        raise ImageError(label, "not a decodable image (corrupt or unsupported format)") from None
+    if w * h > limit:
         raise ImageError(label, f"image too large ({w}x{h} = {w * h} pixels > limit {limit})")
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(label, f"image too small ({w}x{h}; at least {MIN_SIDE} pixels a side)")
 
 
 def to_rgb8(img: np.ndarray, label: str = "<array>", *, max_pixels: int | None = None) -> np.ndarray:
@@ -114,6 +203,11 @@ def to_rgb8(img: np.ndarray, label: str = "<array>", *, max_pixels: int | None =
         raise ImageError(label, "image has zero size")
     if h * w > limit:
         raise ImageError(label, f"image too large ({w}x{h} = {w * h} pixels > limit {limit})")
+    if min(h, w) < MIN_SIDE:
+        raise ImageError(label, f"image too small ({w}x{h}; at least {MIN_SIDE} pixels a side)")
+    if img.dtype == np.uint8 and (img.ndim == 2 or img.shape[2] == 3):  # common case: no float copy
+        out = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+        return np.ascontiguousarray(out)
     img = _to_float01(img, label)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
@@ -149,8 +243,12 @@ def write_image(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    if not cv2.imwrite(str(path), arr):
-        raise OSError(f"could not write image {path}")
+    # encode in memory and write with Python: cv2.imwrite crashes the process (SIGSEGV) on a
+    # file name that is not UTF-8, which any folder may hold
+    ok, buf = cv2.imencode(path.suffix or ".png", arr)
+    if not ok:
+        raise OSError(f"could not encode image {display(path)}")
+    path.write_bytes(buf.tobytes())
     return path
 
 

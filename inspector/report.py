@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .paths import decode_source
 from .verdict import ERROR
 
 CSV_FIELDS = ("relpath", "verdict", "score", "error", "heatmap_path", "image_sha256", "latency_ms",
@@ -88,9 +89,13 @@ def histogram_png(scores_by_verdict: dict[str, list[float]], thresholds=None, ti
 def _thumb_b64(path: str | None, source: str) -> str | None:
     """Heatmap PNG (or, failing that, the source image) as a base64 thumbnail."""
     for p in (path, source):
+        p = decode_source(p) if p else p  # stored text -> the real name (any bytes)
         if not p or not Path(p).is_file():
             continue
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        try:  # not cv2.imread: it crashes on a non-UTF-8 file name
+            img = cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_COLOR)
+        except (OSError, cv2.error):
+            img = None
         if img is None:
             continue
         h, w = img.shape[:2]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .heatmap import MAX_SIDE, overlay, save_png
-from .io import ImageError, read_image
+from .io import ImageError, read_file_bytes, read_image
 from .products import ProductRegistry
 from .store import Store
 from .verdict import ERROR, Thresholds, Verdict
@@ -70,12 +70,17 @@ class Station:
         prod = self.registry.get(product)
         if source is None:
             source = str(image_or_path) if isinstance(image_or_path, (str, os.PathLike)) else "upload"
-        sha = _sha256_of(image_or_path)
+        sha = None
         try:
-            rgb = read_image(image_or_path)
+            data = image_or_path
+            if isinstance(data, (str, os.PathLike)):  # read once: the bytes hashed are the bytes decoded
+                data = read_file_bytes(image_or_path, str(image_or_path))
+            sha = _sha256_of(data)
+            rgb = read_image(data, name=str(image_or_path) if data is not image_or_path else None)
         except ImageError as exc:
-            rid = self.store.record_inspection(product=prod.name, source=source, image_sha256=sha, score=None,
-                                               verdict=ERROR, model_version=prod.version, error=exc.reason)
+            rid = self.store.record_inspection(product=prod.name, source=source,
+                                               image_sha256=sha, score=None, verdict=ERROR,
+                                               model_version=prod.version, error=exc.reason)
             return InspectionRecord(rid, prod.name, source, None, None, None, None, None, None, exc.reason,
                                     prod.version, prod.thresholds)
         if sha is None:
@@ -90,9 +95,15 @@ class Station:
             day = datetime.now(UTC).strftime("%Y%m%d")
             hp = self.heatmap_dir / prod.name / day / f"{sha[:12]}-{uuid.uuid4().hex[:8]}.png"
             save_png(hp, ov)
-        rid = self.store.record_inspection(product=prod.name, source=source, image_sha256=sha, score=ins.score,
-                                           verdict=ins.verdict, heatmap_path=None if hp is None else str(hp),
-                                           model_version=prod.version, latency_ms=latency)
+        try:  # the heatmap exists only with its row: no orphan PNG if recording fails
+            rid = self.store.record_inspection(product=prod.name, source=source, image_sha256=sha,
+                                               score=ins.score, verdict=ins.verdict,
+                                               heatmap_path=None if hp is None else str(hp),
+                                               model_version=prod.version, latency_ms=latency)
+        except BaseException:
+            if hp is not None:
+                hp.unlink(missing_ok=True)
+            raise
         return InspectionRecord(rid, prod.name, source, ins.score, ins.verdict, ins.map, ov,
                                 None if hp is None else str(hp), latency, None, prod.version, prod.thresholds, rgb)
 

@@ -18,6 +18,7 @@ conflicting rows, so a resumed batch can never record one file twice.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -43,6 +44,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
+
+from .paths import display, encode_source
+
+log = logging.getLogger(__name__)
 
 DECISIONS = ("accept", "reject")
 
@@ -200,16 +205,16 @@ class Store:
             verdict = str(getattr(verdict, "value", verdict))
         return {
             "product": str(product),
-            "source": str(source),
+            "source": encode_source(source),  # lossless for any file name (see inspector.paths)
             "created_at": created_at or utcnow(),
             "image_sha256": image_sha256,
             "score": None if score is None else float(score),
             "verdict": verdict,
-            "heatmap_path": None if heatmap_path is None else str(heatmap_path),
+            "heatmap_path": None if heatmap_path is None else encode_source(heatmap_path),
             "model_version": model_version,
             "latency_ms": None if latency_ms is None else float(latency_ms),
             "batch_id": batch_id,
-            "error": error,
+            "error": None if error is None else display(error),
         }
 
     def record_inspection(self, *, product, source, image_sha256, score, verdict, heatmap_path=None,
@@ -222,11 +227,34 @@ class Store:
             return int(conn.execute(insert(inspections).values(**row)).inserted_primary_key[0])
 
     def record_inspections(self, rows: Iterable[dict]) -> int:
-        """Insert many rows in ONE transaction (all or none); rows whose ``(batch_id, source)`` is
-        already recorded are skipped. Returns how many were inserted."""
-        rows = [self._row(**r) for r in rows]
+        """Insert many rows in ONE transaction; rows whose ``(batch_id, source)`` is already
+        recorded are skipped. Returns how many were inserted. If the transaction fails, each row is
+        retried in its own, so one bad row never takes its neighbours down with it (a row that
+        still fails is recorded as ERROR with the reason, or logged if even that fails)."""
+        rows = list(rows)
         if not rows:
             return 0
+        try:
+            return self._insert_rows([self._row(**r) for r in rows])
+        except Exception:  # noqa: BLE001 - retried row by row below
+            pass
+        n = 0
+        for r in rows:
+            try:
+                n += self._insert_rows([self._row(**r)])
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not record %s: %s", display(r.get("source")), exc)
+                bad = dict(product=r.get("product"), source=r.get("source"), verdict="ERROR",
+                           model_version=r.get("model_version"), batch_id=r.get("batch_id"),
+                           image_sha256=r.get("image_sha256"),
+                           error=f"could not record ({type(exc).__name__}: {exc})")
+                try:
+                    n += self._insert_rows([self._row(**bad)])
+                except Exception:  # noqa: BLE001
+                    log.exception("could not record an ERROR row for %s", display(r.get("source")))
+        return n
+
+    def _insert_rows(self, rows: list[dict]) -> int:
         with self._write() as conn, conn.begin():
             stmt = self._insert_ignore(conn)
             return sum(max(0, conn.execute(stmt, [r]).rowcount) for r in rows)

@@ -162,10 +162,17 @@ def test_interrupted_batch_resumes_in_process(station, brick, tmp_path):
     assert a[str(files[0].resolve())] == pytest.approx(one, rel=1e-5)
 
 
-def test_musc_batch_scores_the_folder_in_subsets_and_resumes_identically(station, brick, tmp_path):
-    rng = np.random.default_rng(4)
-    station.registry.register("brick-musc", [_crop(brick, rng, 96) for _ in range(2)], detector="musc",
-                              backbone="tiny-cnn", image_size=64, n_synthetic=2)
+@pytest.fixture(scope="module")
+def musc_product(station, brick):
+    """The MuSc product, registered by whichever test needs it first (tests run in random order)."""
+    if not station.registry.exists("brick-musc"):
+        rng = np.random.default_rng(4)
+        station.registry.register("brick-musc", [_crop(brick, rng, 96) for _ in range(2)], detector="musc",
+                                  backbone="tiny-cnn", image_size=64, n_synthetic=2)
+    return "brick-musc"
+
+
+def test_musc_batch_scores_the_folder_in_subsets_and_resumes_identically(station, musc_product, brick, tmp_path):
     folder = tmp_path / "musc"
     files = _good_folder(folder, brick, 10, seed=5)
     (folder / "bad.jpg").write_bytes(b"junk")
@@ -188,7 +195,7 @@ def test_musc_batch_scores_the_folder_in_subsets_and_resumes_identically(station
     assert all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)  # same subsets after a resume
 
 
-def test_onnx_runtime_refused_clearly_for_musc(station, capsys):
+def test_onnx_runtime_refused_clearly_for_musc(station, musc_product, capsys):
     from inspector.cli import main
 
     folder = station.data_dir.parent / "empty-folder"

@@ -43,7 +43,7 @@ def test_16bit_gray_is_scaled_to_8bit(tmp_path):
 
 
 def test_16bit_colour_tiff(tmp_path):
-    rgb16 = np.zeros((6, 7, 3), np.uint16)
+    rgb16 = np.zeros((8, 9, 3), np.uint16)
     rgb16[..., 2] = 65535  # blue in RGB order
     path = tmp_path / "c16.tif"
     assert cv2.imwrite(str(path), cv2.cvtColor(rgb16, cv2.COLOR_RGB2BGR))
@@ -52,20 +52,20 @@ def test_16bit_colour_tiff(tmp_path):
 
 
 def test_rgba_is_composited_on_white(tmp_path):
-    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., 0] = 255  # red
-    rgba[:2, :, 3] = 255  # top opaque, bottom transparent
+    rgba[:4, :, 3] = 255  # top opaque, bottom transparent
     path = tmp_path / "rgba.png"
     assert cv2.imwrite(str(path), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
     out = read_image(path)
     assert out[0, 0].tolist() == [255, 0, 0]
-    assert out[3, 0].tolist() == [255, 255, 255]
+    assert out[7, 0].tolist() == [255, 255, 255]
 
 
 def test_gray_8bit_and_float_arrays():
-    gray = np.full((5, 5), 128, np.uint8)
-    assert read_image(gray).shape == (5, 5, 3)
-    f = np.full((5, 5, 3), 0.5, np.float32)
+    gray = np.full((8, 9), 128, np.uint8)
+    assert read_image(gray).shape == (8, 9, 3)
+    f = np.full((8, 8, 3), 0.5, np.float32)
     assert read_image(f)[0, 0].tolist() == [128, 128, 128]
 
 
@@ -122,11 +122,11 @@ def test_wrong_type(bad):
     "arr, match",
     [
         (np.zeros((0, 5, 3), np.uint8), "zero size"),
-        (np.zeros((4, 4, 5), np.uint8), "unsupported array shape"),
+        (np.zeros((8, 8, 5), np.uint8), "unsupported array shape"),
         (np.zeros((4,), np.uint8), "unsupported array shape"),
-        (np.full((4, 4), 2.0, np.float32), "must lie in"),
-        (np.full((4, 4), np.nan, np.float32), "NaN"),
-        (np.zeros((4, 4), np.int64), "unsupported pixel type"),
+        (np.full((8, 8), 2.0, np.float32), "must lie in"),
+        (np.full((8, 8), np.nan, np.float32), "NaN"),
+        (np.zeros((8, 8), np.int64), "unsupported pixel type"),
     ],
 )
 def test_bad_arrays(arr, match):

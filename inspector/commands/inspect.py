@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from ..paths import display
 from ._common import add_data_dir, add_device, fmt, station
 
 
@@ -30,20 +32,25 @@ def run(args: argparse.Namespace) -> int:
     st.registry.get(args.product)  # unknown product: clear error before anything is recorded
     failed = 0
     for path in args.images:
+        shown = display(path)
         try:
             rec = st.inspect(args.product, path, source=path, runtime=args.runtime,
                              save_heatmap_png=not args.no_heatmap)
         except RuntimeUnavailable as exc:
             raise CommandError(str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - one image's failure: say so, go on with the rest
+            failed += 1
+            print(f"{shown}: ERROR {type(exc).__name__}: {display(exc)}", file=sys.stderr)
+            continue
         failed += rec.error is not None
         if args.json:
-            print(json.dumps({"id": rec.id, "image": path, "product": rec.product, "score": rec.score,
+            print(json.dumps({"id": rec.id, "image": shown, "product": rec.product, "score": rec.score,
                               "verdict": None if rec.verdict is None else rec.verdict.value,
                               "heatmap": rec.heatmap_path, "latency_ms": rec.latency_ms, "error": rec.error,
                               "model_version": rec.model_version}))
         elif rec.error:
-            print(f"{path}: ERROR {rec.error}")
+            print(f"{shown}: ERROR {display(rec.error)}")
         else:
-            print(f"{path}: {rec.verdict.value:9s} score {fmt(rec.score)}  ({rec.latency_ms:.0f} ms)"
+            print(f"{shown}: {rec.verdict.value:9s} score {fmt(rec.score)}  ({rec.latency_ms:.0f} ms)"
                   + (f"  heatmap {rec.heatmap_path}" if rec.heatmap_path else ""))
     return 1 if failed else 0
