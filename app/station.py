@@ -13,6 +13,7 @@ interleave with a long batch instead of waiting for it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import html
 import logging
@@ -32,8 +33,8 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from inspector.camera import CameraPool, make_source
-from inspector.config import StationConfig
+from inspector.camera import CameraPool, FolderSource, make_source
+from inspector.config import CAMERA_REFUSED, SourceNotAllowed, StationConfig
 from inspector.io import ImageError, is_image_file, read_image
 
 from . import views
@@ -45,7 +46,7 @@ RECENT = 25  # inspections re-verdicted live under new thresholds
 NG_GALLERY = 8
 SINCE = {"last hour": timedelta(hours=1), "last 24 h": timedelta(days=1), "last 7 days": timedelta(days=7),
          "all time": None}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch
 
 
 def _error(message: str) -> gr.Error:
@@ -161,14 +162,22 @@ class StationApp:
 
     # ---- Live tab ----------------------------------------------------------------------------
     def _camera(self, source: str | None):
+        """The pooled camera for a requested source, which must be configured or a folder under
+        the allowed roots (:meth:`StationConfig.camera_source`); one uniform error otherwise."""
         source = (source or "").strip()
         if not source:
-            raise _error("Set a camera source: a device index (0), an rtsp:// or http:// URL, or a folder.")
+            raise _error("Set a camera source: a configured camera, or a folder under the allowed roots.")
         try:
-            make_source(source)
-        except ValueError as exc:
-            raise _error(str(exc)) from exc
-        return self.pool.get(source)
+            spec = self.config.camera_source(source)
+            make_source(spec)
+        except (SourceNotAllowed, ValueError) as exc:
+            log.warning("camera source refused: %r", source[:200])
+            raise _error(CAMERA_REFUSED) from exc
+        cam = self.pool.get(spec)
+        if isinstance(cam.source, FolderSource) and cam.source.roots is None and spec != self.config.camera \
+                and spec not in self.config.cameras.values():
+            cam.source.roots = tuple(self.config.allowed_batch_roots)  # frames too: no link out of the roots
+        return cam
 
     @staticmethod
     def _new_counts() -> dict:
@@ -183,7 +192,8 @@ class StationApp:
     def on_live_stop(self, source: str):
         status = None
         with contextlib.suppress(Exception):
-            status = dict(self.pool.get(source).status(), state="closed") if source else None
+            status = dict(self.pool.get(self.config.camera_source(source)).status(), state="closed") \
+                if source else None
         return gr.Timer(active=False), views.camera_html(status), gr.update(interactive=True), \
             gr.update(interactive=False)
 
@@ -229,7 +239,7 @@ class StationApp:
     def on_register(self, name: str, files: list | None, detector: str, backbone: str, size: int | str,
                     replace: bool, request: gr.Request, generator: str | None = None, progress=gr.Progress()):
         name = (name or "").strip()
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise _error("Product name: letters, digits, '-', '_' or '.', at most 64 characters.")
         paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
         if not 1 <= len(paths) <= MAX_SHOTS:
@@ -352,6 +362,13 @@ class StationApp:
             raise _error("The zip holds no image files.")
         return dest
 
+    def _drop_upload(self, zip_path: str | None) -> None:
+        """Delete the uploaded zip (Gradio's cached copy) once it has been read: an upload must not
+        stay on disk after its batch."""
+        if zip_path and not self.config.keep_uploads:
+            with contextlib.suppress(OSError):
+                Path(zip_path).unlink()
+
     def _download_copy(self, path: str | os.PathLike | None) -> str | None:
         """Reports are copied out of the data dir so that only they, never the database, are served."""
         if not path or not Path(path).is_file():
@@ -366,6 +383,7 @@ class StationApp:
         folder = (folder or "").strip()
         if bool(folder) == bool(zip_path):
             raise _error("Give either a folder on the station or a zip file (one of the two).")
+        upload = None
         if folder:
             try:
                 root = self.config.batch_folder_allowed(folder)
@@ -373,8 +391,13 @@ class StationApp:
                 raise _error(str(exc)) from exc
             if not root.is_dir():
                 raise _error(f"Not a folder: {folder}")
+            roots = tuple(self.config.allowed_batch_roots)
         else:
-            root = self._extract_zip(zip_path)
+            try:
+                root = upload = self._extract_zip(zip_path)
+            finally:
+                self._drop_upload(zip_path)
+            roots = (root,)
         progress(0, desc="Scoring…")
 
         def on_progress(done: int, total: int) -> None:
@@ -383,9 +406,12 @@ class StationApp:
         # Not under the station-wide lock: the product's runtime serialises each model call (one
         # chunk of images at a time), so operators' inspections interleave with a long batch.
         try:
-            summary = self.station.batch(root, product, progress=False, on_progress=on_progress)
+            summary = self.station.batch(root, product, progress=False, on_progress=on_progress, roots=roots)
         except (FileNotFoundError, ValueError) as exc:
             raise _error(str(exc)) from exc
+        finally:
+            if upload is not None and not self.config.keep_uploads:
+                shutil.rmtree(upload, ignore_errors=True)  # rows, heatmaps and reports stay
         rows = self.store.history(batch_id=summary.batch_id, limit=None)
         df = views.batch_frame(rows, summary.folder)
         counts = {v: sum(1 for r in rows if r.get("verdict") == v) for v in ("OK", "UNCERTAIN", "NG", "ERROR")}
@@ -474,7 +500,8 @@ class StationApp:
                         with gr.Column(scale=2):
                             in_product = gr.Dropdown(names, value=first, label="Product", elem_id="inspect-product")
                             in_image = gr.Image(type="filepath", label="Image to inspect", sources=["upload", "clipboard"],
-                                                height=340, elem_id="inspect-image")
+                                                height=340, elem_id="inspect-image",
+                                                image_mode=None)  # file as uploaded: one alpha rule (inspector.io)
                             in_btn = gr.Button("Inspect", variant="primary", size="lg", elem_id="inspect-button")
                             in_cam_btn = gr.Button("Next frame from camera", elem_id="inspect-camera")
                         with gr.Column(scale=3):
@@ -496,7 +523,7 @@ class StationApp:
                         with gr.Column(scale=2):
                             lv_product = gr.Dropdown(names, value=first, label="Product", elem_id="live-product")
                             lv_source = gr.Textbox(value=cfg.camera or "", label="Camera source",
-                                                   placeholder="0 · rtsp://host/stream · http://host/video · /path/to/folder",
+                                                   placeholder="a configured camera (name or URL) · a folder under the allowed roots",
                                                    elem_id="live-source")
                             with gr.Row():
                                 lv_start = gr.Button("Start", variant="primary", elem_id="live-start")
@@ -575,7 +602,7 @@ class StationApp:
                         with gr.Column(scale=1):
                             sy_product = gr.Dropdown(names, value=first, label="Product (uses its stored shots)")
                             sy_upload = gr.Image(type="filepath", label="…or a normal image", sources=["upload"],
-                                                 height=200)
+                                                 height=200, image_mode=None)
                             sy_kind = gr.Dropdown(["any", "perlin", "cutpaste", "scar"] + _generator_choices()[1:],
                                                   value="any", label="Generator (weight-free kind or diffusion model)")
                             sy_sev = gr.Slider(-0.05, 1, value=-0.05, step=0.05, label="Severity (below 0: spread 0-1)")
@@ -663,11 +690,22 @@ class StationApp:
     # ---- serving -----------------------------------------------------------------------------
     def launch_kwargs(self) -> dict:
         cfg = self.config
-        return dict(server_name=cfg.host, server_port=cfg.port, auth=cfg.auth(),
+        guard = cfg.auth(audit=self._audit_login)
+        auth = None
+        if guard is not None:
+            async def auth(username: str, password: str) -> bool:  # scrypt off the event loop
+                return await asyncio.to_thread(guard, username, password)
+        return dict(server_name=cfg.host, server_port=cfg.port, auth=auth,
                     auth_message="Inspection station: sign in" if cfg.users else None,
                     max_file_size=cfg.max_file_size, blocked_paths=[str(self.data_dir.resolve())],
                     css=views.CSS, theme=gr.themes.Soft(primary_hue="blue"), footer_links=["api"],
                     show_error=True)
+
+    def _audit_login(self, user: str, reason: str, details: dict) -> None:
+        """Failed logins go to the audit trail (and the log), like every registry change."""
+        log.warning("login refused for %r: %s", user[:128], reason)
+        self.store.audit(actor=user[:128] or "?", action="login_failed", product=None,
+                         details={"reason": reason, **details})
 
     def launch(self, **overrides) -> Any:
         demo = self.demo or self.build()

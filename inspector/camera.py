@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, ImageError, read_image, to_rgb8
+from .io import IMAGE_SUFFIXES, ImageError, read_file_bytes, read_image, to_rgb8
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mjpg", ".mjpeg")
 STATES = ("idle", "live", "error", "reconnecting", "closed")
@@ -97,8 +97,10 @@ class FolderSource(FrameSource):
     """
 
     def __init__(self, folder: str | os.PathLike, *, loop: bool = True, fps: float | None = None,
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, roots: tuple[str | os.PathLike, ...] | None = None):
         self.folder = Path(folder)
+        #: when set, a frame file is read only if it resolves (links followed) under one of these
+        self.roots = roots
         self.loop = loop
         self.fps = fps
         self.max_pixels = max_pixels
@@ -150,6 +152,9 @@ class FolderSource(FrameSource):
         if not path.exists():
             raise FrameError(f"{path.name}: file vanished before it was read")
         try:
+            if self.roots is not None:
+                data = read_file_bytes(path, path.name, roots=self.roots)
+                return read_image(data, max_pixels=self.max_pixels, name=path.name), path.name
             return read_image(path, max_pixels=self.max_pixels), path.name
         except ImageError as exc:
             raise FrameError(f"{path.name}: {exc.reason}") from exc

@@ -13,48 +13,71 @@ Example ``station.toml``::
     max_file_size = "25mb"
     allowed_batch_roots = ["/srv/line1/images", "/mnt/nas/inspection"]
     concurrency = 4             # requests served at once (model calls are still serialised)
-    camera = "rtsp://cam1.local/stream"
+    camera = "rtsp://cam1.local/stream"   # the Live tab's default source (configured: allowed)
+    camera_urls = ["rtsp://cam2.local/stream"]   # further stream URLs operators may pick
     live_interval = 1.0         # seconds between live inspections
+    login_max_failures = 5      # wrong passwords per user name before a lockout...
+    login_lockout_s = 300       # ...of this long (doubling on repeat offences)
 
-    [users]                     # optional login; passwords plain or "sha256:<hex>"
-    alice = "sha256:e2186dbdb1bb4193608605e84f33208765b5693b55edd4f730a719a100eeea6f"   # "change-me"
-    bob = "s3cret"
+    [cameras]                   # named sources: operators type the name
+    line1 = "rtsp://cam1.local/stream"
+    replay = "/srv/line1/replay"
+
+    [users]                     # optional login; `inspector hash-password` prints a scrypt hash
+    alice = "scrypt$16384$8$1$<salt hex>$<hash hex>"
+    bob = "s3cret"              # plain text still works, with a warning at start-up
+
+Camera sources are configuration, not request input: the station opens only a configured source
+(``camera``, a ``[cameras]`` name or value, a ``camera_urls`` entry) or a folder (or video file)
+that lies, after symlink resolution, under ``allowed_batch_roots``. Anything else -- another
+folder, ``http://127.0.0.1:.../`` (server-side request forgery), a device index -- is refused with
+one message that says nothing about what exists (:meth:`StationConfig.camera_source`).
 
 Environment: ``INSPECTOR_HOST``, ``INSPECTOR_PORT``, ``INSPECTOR_DATA``, ``INSPECTOR_CONFIG``
 (path of the file), ``INSPECTOR_USERS`` (``"alice:pw,bob:sha256:..."``),
 ``INSPECTOR_MAX_FILE_SIZE``, ``INSPECTOR_BATCH_ROOTS`` (``os.pathsep``-separated),
 ``INSPECTOR_CONCURRENCY``, ``INSPECTOR_CAMERA``.
+
+Security notes for the whole station: README.md, "Security notes".
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .auth import LoginGuard, check_password, hash_password, is_weak_entry
+from .paths import within
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+
+
+__all__ = ["CAMERA_REFUSED", "ConfigError", "SourceNotAllowed", "StationConfig", "check_password",
+           "hash_password"]
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key and the source."""
 
 
-def hash_password(password: str) -> str:
-    """The ``sha256:<hex>`` form accepted in the ``[users]`` table."""
-    return "sha256:" + hashlib.sha256(password.encode()).hexdigest()
+#: the one answer to a refused camera source: it must not reveal which folders or hosts exist
+CAMERA_REFUSED = ("camera source not allowed: choose a configured camera, or a folder under the "
+                  "allowed roots")
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def check_password(stored: str, given: str) -> bool:
-    if stored.startswith("sha256:"):
-        return hmac.compare_digest(stored[7:].lower(), hashlib.sha256(given.encode()).hexdigest())
-    return hmac.compare_digest(stored.encode(), given.encode())
+class SourceNotAllowed(PermissionError):
+    """A camera source outside the configuration (message: :data:`CAMERA_REFUSED`, always)."""
+
+    def __init__(self):
+        super().__init__(CAMERA_REFUSED)
 
 
 @dataclass
@@ -68,7 +91,16 @@ class StationConfig:
     concurrency: int = 4
     max_queue: int = 64
     camera: str | None = None
+    #: named camera sources (name -> spec); names and values are both accepted
+    cameras: dict[str, str] = field(default_factory=dict)
+    #: stream URLs allowed besides the configured ones (exact match)
+    camera_urls: list[str] = field(default_factory=list)
     live_interval: float = 1.0
+    #: login: wrong passwords per user name (within 5 minutes) before a lockout of login_lockout_s
+    login_max_failures: int = 5
+    login_lockout_s: float = 300.0
+    #: keep extracted zip uploads after their batch (default: deleted; rows and heatmaps stay)
+    keep_uploads: bool = False
     title: str = "Inspection station"
     #: backbones offered in the Register tab (test configs may add "tiny-cnn")
     backbones: list[str] = field(default_factory=lambda: ["efficientnet-lite0"])
@@ -126,24 +158,53 @@ class StationConfig:
         except ValueError:
             return False
 
-    def auth(self):
-        """A Gradio ``auth`` callable, or ``None`` when no users are configured."""
+    def auth(self, audit=None, clock=None):
+        """A Gradio ``auth`` callable (a rate-limited :class:`~inspector.auth.LoginGuard`), or
+        ``None`` when no users are configured. ``audit(user, reason, details)`` gets each failure."""
         if not self.users:
             return None
-        users = dict(self.users)
-
-        def check(username: str, password: str) -> bool:
-            stored = users.get(username)
-            return stored is not None and check_password(stored, password)
-
-        return check
+        kw = {"clock": clock} if clock is not None else {}
+        return LoginGuard(self.users, max_failures=self.login_max_failures, lockout_s=self.login_lockout_s,
+                          audit=audit, **kw)
 
     def warnings(self) -> list[str]:
         out = []
         if not self.is_loopback and not self.users:
             out.append(f"listening on {self.host} without login: anyone on the network can use the station "
                        "(set [users] in the config file or INSPECTOR_USERS)")
+        weak = sorted(u for u, pw in self.users.items() if is_weak_entry(pw))
+        if weak:
+            out.append(f"users {', '.join(weak)}: password stored as plain text or unsalted sha256; replace it "
+                       "with the output of `inspector hash-password`")
         return out
+
+    def camera_source(self, spec: str | int | None) -> str:
+        """The source to open for a requested camera ``spec``, or :class:`SourceNotAllowed`.
+
+        Allowed: a ``[cameras]`` name (-> its value), a configured spec verbatim (``camera``,
+        a ``[cameras]`` value, a ``camera_urls`` entry), or a path that resolves (symlinks
+        followed) under ``allowed_batch_roots`` (-> the resolved path: folder replay or a video
+        file). A folder under the roots need not exist yet (a hot folder may come and go)."""
+        s = str(spec if spec is not None else "").strip()
+        if not s:
+            raise SourceNotAllowed()
+        if s in self.cameras:
+            return str(self.cameras[s])
+        configured = {str(v) for v in self.cameras.values()} | set(self.camera_urls)
+        if self.camera:
+            configured.add(str(self.camera))
+        if s in configured:
+            return s
+        if _URL_RE.match(s) or re.fullmatch(r"\d{1,3}", s) or not self.allowed_batch_roots:
+            raise SourceNotAllowed()
+        try:
+            s.encode("utf-8")
+            p = os.path.realpath(Path(s).expanduser())
+        except (UnicodeEncodeError, OSError, ValueError):
+            raise SourceNotAllowed() from None
+        if not within(p, self.allowed_batch_roots):
+            raise SourceNotAllowed()
+        return p
 
     def batch_folder_allowed(self, folder: str | os.PathLike) -> Path:
         """Resolve ``folder`` (symlinks included) and return it if it lies under an allowed root;
@@ -161,10 +222,19 @@ class StationConfig:
 
 
 def _coerce(key: str, value: Any) -> Any:
-    if key == "port" or key in ("concurrency", "max_queue", "max_zip_members", "max_zip_bytes"):
+    if key == "port" or key in ("concurrency", "max_queue", "max_zip_members", "max_zip_bytes",
+                                "login_max_failures"):
         return int(value)
-    if key == "live_interval":
+    if key in ("live_interval", "login_lockout_s"):
         return float(value)
+    if key == "keep_uploads":
+        return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+    if key == "cameras":
+        return {str(k): str(v) for k, v in dict(value).items()}
+    if key == "camera_urls":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return [str(v) for v in value]
     if key == "data_dir":
         return Path(value).expanduser() if value else None
     if key == "allowed_batch_roots":
@@ -228,6 +298,7 @@ _ENV = {
     "INSPECTOR_BATCH_ROOTS": "allowed_batch_roots",
     "INSPECTOR_CONCURRENCY": "concurrency",
     "INSPECTOR_CAMERA": "camera",
+    "INSPECTOR_CAMERA_URLS": "camera_urls",
 }
 
 

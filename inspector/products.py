@@ -64,7 +64,7 @@ from .verdict import Thresholds, Verdict, calibrate
 log = logging.getLogger(__name__)
 
 DEFAULT_DETECTOR = "graphcore"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole string: always fullmatch
 MAX_SHOTS = 32
 MAX_FOLDS = 8
 N_VIEWS = 3
@@ -354,6 +354,40 @@ class ProductRegistry:
         self.device = device
         self._runtimes: dict[tuple, Any] = {}
         self._rt_lock = threading.Lock()
+        self.cleaned = self._clean_stale()
+
+    #: temporary files elsewhere (e.g. an ONNX export beside the product) are written outside the
+    #: registry lock: they are removed only once this old
+    STALE_TMP_S = 3600.0
+
+    def _clean_stale(self) -> list[Path]:
+        """Remove what a crash (``kill -9`` during register, add_shots, set_thresholds or delete)
+        left behind: temporary files and half-deleted trash folders. Those are written only under
+        the registry lock, which is held here, so no live writer loses a file; other temporary
+        files are removed only when older than :attr:`STALE_TMP_S`. Returns what was removed."""
+        removed: list[Path] = []
+        now = time.time()
+        with self._locked():
+            for d in self.root.iterdir():
+                try:
+                    if d.name.startswith(".deleted-") and d.is_dir():
+                        shutil.rmtree(d, ignore_errors=True)
+                        removed.append(d)
+                        continue
+                    if d.name.startswith(".") or not d.is_dir() or d.is_symlink():
+                        continue
+                    for f in d.rglob(".*"):
+                        if not (f.name.endswith(".tmp") or f.name.startswith(".tmp-")) or not f.is_file():
+                            continue
+                        under_lock = f.parent == d or f.parent == d / "shots"
+                        if under_lock or now - f.stat().st_mtime > self.STALE_TMP_S:
+                            f.unlink(missing_ok=True)
+                            removed.append(f)
+                except OSError as exc:
+                    log.warning("could not clean %s: %s", d, exc)
+        if removed:
+            log.info("removed %d stale temporary file(s) left by an interrupted write", len(removed))
+        return removed
 
     # -- locking & paths ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -367,7 +401,7 @@ class ProductRegistry:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _dir(self, name: str) -> Path:
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise ValueError(f"invalid product name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit")
         return self.root / name

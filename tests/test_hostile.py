@@ -385,3 +385,250 @@ print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, code)
     assert len(rows) == 2 * len(BOMBS) + 1
     assert sum(r["verdict"] == "ERROR" and "image too large" in r["error"] for r in rows) == 2 * len(BOMBS)
     assert peaks["bombs"] - peaks["good"] < 100 * 1024, peaks
+
+
+# ---------------------------------------------------------------------------------------------
+# the station: camera confinement, SSRF, login, uploads, the alpha rule
+# ---------------------------------------------------------------------------------------------
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
+
+
+@pytest.fixture(scope="module")
+def served(station, tmp_path_factory):
+    """The station served on a free port with login; ``allowed`` is its one allowed root."""
+    from conftest import free_port
+
+    from app.station import StationApp
+    from inspector.auth import hash_password
+    from inspector.config import StationConfig
+
+    tmp = tmp_path_factory.mktemp("served")
+    allowed = tmp / "allowed"
+    allowed.mkdir()
+    cfg = StationConfig(port=free_port(), data_dir=station.data_dir, backbones=["tiny-cnn"],
+                        allowed_batch_roots=[allowed], users={u: hash_password(p) for u, p in PASSWORDS.items()},
+                        login_max_failures=5, login_lockout_s=600)
+    app = StationApp(station, cfg)
+    app.launch(prevent_thread_lock=True, quiet=True)
+    yield app, f"http://127.0.0.1:{cfg.port}/", allowed, tmp
+    app.close()
+
+
+def _client(url):
+    from gradio_client import Client
+
+    return Client(url, auth=("alice", PASSWORDS["alice"]), verbose=False)
+
+
+def _http_server():
+    """A real HTTP server on loopback that records every request path (the SSRF target)."""
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, hits
+
+
+def test_camera_sources_come_from_the_configuration_only(served, brick, tmp_path):
+    from inspector.config import CAMERA_REFUSED
+
+    app, url, allowed, _ = served
+    outside = tmp_path / "private"
+    outside.mkdir()
+    write_image(outside / "a.png", _crop(brick, np.random.default_rng(9)))
+    os.symlink(outside, allowed / "sneaky")  # a link inside the root to a folder outside it
+    srv, hits = _http_server()
+    client = _client(url)
+    probes = {
+        "folder outside": str(outside),
+        "missing folder outside": str(tmp_path / "nope"),
+        "link out of the root": str(allowed / "sneaky"),
+        "ssrf url": f"http://127.0.0.1:{srv.server_address[1]}/admin/video.mjpg",
+        "device index": "0",
+        "dotdot": str(allowed / ".." / "private"),
+    }
+    messages = {}
+    try:
+        for name, src in probes.items():
+            with pytest.raises(Exception) as err:  # noqa: B017 - gradio_client's AppError
+                client.predict("brick", src, api_name="/inspect_camera")
+            messages[name] = str(err.value)
+    finally:
+        srv.shutdown()
+    assert hits == []  # the station never fetched the URL
+    assert len(set(messages.values())) == 1, messages  # one answer: nothing learned about what exists
+    assert CAMERA_REFUSED in next(iter(messages.values()))
+    # a folder under the allowed root works, but a frame file linking out of it is not read
+    cam = allowed / "line"
+    cam.mkdir()
+    write_image(cam / "a.png", _crop(brick, np.random.default_rng(10)))
+    os.symlink(outside / "a.png", cam / "b.png")
+    out = client.predict("brick", str(cam), api_name="/inspect_camera")
+    details = next(o for o in out if isinstance(o, dict) and "score" in o)
+    assert details["error"] is None and details["score"] is not None
+    with pytest.raises(Exception, match="outside the allowed folders"):  # noqa: B017
+        client.predict("brick", str(cam), api_name="/inspect_camera")
+
+
+def test_camera_source_resolution_rules():
+    from inspector.config import SourceNotAllowed, StationConfig
+
+    root = Path(tempfile.mkdtemp(prefix="i16-cam-"))
+    try:
+        cfg = StationConfig(camera="rtsp://cam1.local/s", cameras={"line2": "genicam://Fake-1"},
+                            camera_urls=["http://cam3.local/video"], allowed_batch_roots=[root])
+        assert cfg.camera_source("rtsp://cam1.local/s") == "rtsp://cam1.local/s"
+        assert cfg.camera_source("line2") == "genicam://Fake-1"  # a name (any scheme a factory knows)
+        assert cfg.camera_source("genicam://Fake-1") == "genicam://Fake-1"
+        assert cfg.camera_source("http://cam3.local/video") == "http://cam3.local/video"
+        assert cfg.camera_source(str(root / "a" / ".." / "b")) == os.path.realpath(root / "b")
+        for bad in ("http://cam3.local/video/../admin", "rtsp://cam1.local/s2", "1", "/etc", "", "~",
+                    str(root) + "-sibling", os.fsdecode(str(root).encode() + b"/\xff")):
+            with pytest.raises(SourceNotAllowed):
+                cfg.camera_source(bad)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_login_is_rate_limited_locked_out_and_audited(served, station):
+    import time
+
+    import httpx
+
+    _, url, _, _ = served
+    n0 = len([a for a in station.store.audit_log(limit=None) if a["action"] == "login_failed"])
+    t0 = time.perf_counter()
+    codes = [httpx.post(url + "login", data={"username": "bob", "password": f"guess{i}"}).status_code
+             for i in range(12)]
+    elapsed = time.perf_counter() - t0
+    assert codes == [400] * 12
+    # locked: the right password is refused too, while another user is unaffected
+    assert httpx.post(url + "login", data={"username": "bob", "password": PASSWORDS["bob"]}).status_code == 400
+    assert httpx.post(url + "login", data={"username": "alice", "password": PASSWORDS["alice"]}).status_code == 200
+    failed = [a for a in station.store.audit_log(limit=None) if a["action"] == "login_failed"]
+    assert len(failed) - n0 == 13 and all(a["actor"] == "bob" for a in failed[: len(failed) - n0])
+    reasons = [a["details"]["reason"] for a in failed[: len(failed) - n0]]
+    assert reasons.count("wrong password") == 5 and reasons.count("locked") == 8
+    print(f"12 wrong logins in {elapsed:.2f} s; 5 checked, 7 refused by the lockout")
+
+
+def test_login_guard_lockout_expires_doubles_and_hashes_are_salted():
+    from inspector.auth import LoginGuard, check_password, hash_password
+
+    now = [1000.0]
+    events = []
+    h = hash_password("pw")
+    assert h.startswith("scrypt$") and h != hash_password("pw") and check_password(h, "pw")
+    assert not check_password(h, "pw ") and check_password("sha256:" + __import__("hashlib").sha256(b"x").hexdigest(), "x")
+    g = LoginGuard({"u": h}, max_failures=3, lockout_s=60, audit=lambda *a: events.append(a), clock=lambda: now[0])
+    assert g("u", "pw")
+    for _ in range(3):
+        assert not g("u", "no")
+    assert not g("u", "pw") and 59 < g.locked("u") <= 60  # locked, right password or not
+    now[0] += 61
+    assert g("u", "pw")  # expired; success resets the count
+    for _ in range(3):
+        g("u", "no")
+    now[0] += 61
+    for _ in range(3):
+        g("u", "no")
+    assert 119 < g.locked("u") <= 120  # a second offence doubles the lockout
+    assert not g("nobody", "x") and events[-1][:2] == ("nobody", "unknown user")
+
+
+def test_uploaded_zip_and_its_extraction_are_deleted_after_the_batch(served, station, brick, tmp_path):
+    import zipfile
+
+    from gradio_client import handle_file
+
+    app, url, _, _ = served
+    z = tmp_path / f"upload-{os.getpid()}-probe.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for i in range(2):
+            zf.writestr(f"good{i}.png", _png(_crop(brick, np.random.default_rng(20 + i))))
+        zf.writestr("bomb.jpg", bomb_jpeg())
+        zf.writestr("bomb.tif", bomb_tiff())
+    msg = _client(url).predict("brick", "", handle_file(str(z)), api_name="/batch")[0]
+    assert "4 files, 2 scored, 2 errors" in msg, msg
+    uploads = station.data_dir / "uploads"
+    assert not uploads.exists() or not any(uploads.iterdir())  # extraction removed
+    cache = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+    assert not [p for p in cache.rglob(z.name)], "the uploaded zip is still in Gradio's cache"
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGBA2BGRA if rgb.shape[2] == 4 else cv2.COLOR_RGB2BGR))
+    assert ok
+    return buf.tobytes()
+
+
+def test_rgba_scores_the_same_in_station_and_cli(served, station, brick, tmp_path):
+    """One alpha rule: composited on white by inspector.io, wherever the image comes in."""
+    rgb = _crop(brick, np.random.default_rng(30))
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:, : rgb.shape[1] // 2] = 60  # half the part seen through
+    path = tmp_path / "rgba.png"
+    path.write_bytes(_png(np.dstack([rgb, alpha])))
+    lib = station.inspect("brick", str(path)).score  # what `inspector inspect` runs
+    out = _client(served[1]).predict("brick", __import__("gradio_client").handle_file(str(path)), api_name="/inspect")
+    web = next(o for o in out if isinstance(o, dict) and "score" in o)["score"]
+    assert web == pytest.approx(lib, rel=1e-6)
+    dropped = station.inspect("brick", rgb).score  # alpha dropped: the old station behaviour differs
+    assert abs(dropped - lib) > 1e-4
+
+
+def test_tiny_images_are_refused_not_scored(station, tmp_path):
+    one = tmp_path / "one.png"
+    one.write_bytes(_png(np.zeros((1, 1, 3), np.uint8)))
+    rec = station.inspect("brick", str(one))
+    assert rec.verdict is None and "too small" in rec.error
+    with pytest.raises(ImageError, match="too small"):
+        read_image(np.zeros((1, 1, 3), np.uint8))
+    with pytest.raises(ImageError, match="too small"):
+        read_image(np.zeros((7, 500), np.uint8))
+
+
+def test_product_names_match_the_whole_string(station):
+    from app.station import _NAME_RE
+
+    for bad in ("brick\n", "brick\n../x", "-brick", "a" * 65, "brick/x"):
+        with pytest.raises(ValueError, match="invalid product name"):
+            station.registry.exists(bad)
+        assert not _NAME_RE.fullmatch(bad)
+    assert _NAME_RE.fullmatch("brick-2.a_b")
+
+
+def test_stale_tmp_files_are_cleaned_when_the_registry_opens(station):
+    import time
+
+    from inspector.products import ProductRegistry
+
+    d = station.registry.root / "brick"
+    left = [d / ".product.json.x1y2.tmp", d / ".state-abc.safetensors.q.tmp", d / "shots" / ".tmp-123-456.png"]
+    fresh_export = d / "onnx" / ".model.onnx.k.tmp"  # written outside the registry lock: kept while young
+    old_export = d / "onnx" / ".model.onnx.j.tmp"
+    for f in [*left, fresh_export, old_export]:
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"half")
+    os.utime(old_export, (time.time() - 7200, time.time() - 7200))
+    trash = station.registry.root / ".deleted-gone-1"
+    (trash / "shots").mkdir(parents=True)
+    reg = ProductRegistry(station.registry.root)
+    assert sorted(map(str, reg.cleaned)) == sorted(map(str, [*left, old_export, trash]))
+    assert fresh_export.exists() and not trash.exists()
+    assert reg.get("brick").inspect(np.zeros((64, 64, 3), np.uint8))  # the product itself is intact
+    shutil.rmtree(d / "onnx")

@@ -103,7 +103,8 @@ def test_config_precedence_and_auth(tmp_path):
     auth = cfg.auth()
     assert auth("alice", "pw1") and auth("bob", "pw2") and not auth("alice", "pw2") and not auth("eve", "x")
     assert check_password(hash_password("x"), "x")
-    assert cfg.warnings() == []  # users are set
+    assert cfg.warnings() == [w for w in cfg.warnings() if "bob" in w and "hash-password" in w]  # login set;
+    # bob's plain-text password is flagged
     assert StationConfig.load(None, env={}).host == "127.0.0.1"  # safe default
     open_cfg = StationConfig.load(None, env={"INSPECTOR_HOST": "0.0.0.0"})
     assert open_cfg.auth() is None and "without login" in open_cfg.warnings()[0]
@@ -121,12 +122,12 @@ def test_live_tick_shows_camera_error_state_and_recovers(served, tmp_path):
     import shutil
 
     app, station, images, url = served
-    cam_dir = tmp_path / "line"
+    cam_dir = app.config.allowed_batch_roots[0] / "line"  # camera folders must lie under the allowed roots
     cam_dir.mkdir()
     shutil.copy(images[0], cam_dir / "a.png")
     (cam_dir / "b.png").write_bytes(b"garbage, not a png")
     shutil.copy(images[1], cam_dir / "c.png")
-    src = str(cam_dir)
+    src = str(cam_dir.resolve())
     counts, ngs = app._new_counts(), []
 
     def tick():
