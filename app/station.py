@@ -169,10 +169,13 @@ class StationApp:
             raise _error("Set a camera source: a configured camera, or a folder under the allowed roots.")
         try:
             spec = self.config.camera_source(source)
-            make_source(spec)
-        except (SourceNotAllowed, ValueError) as exc:
+        except SourceNotAllowed as exc:
             log.warning("camera source refused: %r", source[:200])
             raise _error(CAMERA_REFUSED) from exc
+        try:
+            make_source(spec)  # a configured source: its own error may be shown
+        except ValueError as exc:
+            raise _error(str(exc)) from exc
         cam = self.pool.get(spec)
         if isinstance(cam.source, FolderSource) and cam.source.roots is None and spec != self.config.camera \
                 and spec not in self.config.cameras.values():
