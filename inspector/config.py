@@ -110,6 +110,8 @@ class StationConfig:
     #: batches from uploaded zip files: limits against zip bombs
     max_zip_members: int = 5000
     max_zip_bytes: int = 2 * 1024**3
+    #: the ``[line]`` tables (camera, trigger, OPC UA, Modbus, metrics): inspector.line.config.LineConfig
+    line: dict = field(default_factory=dict)
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -147,6 +149,13 @@ class StationConfig:
         for user, pw in self.users.items():
             if not user or not pw:
                 raise ConfigError("users: empty user name or password")
+        if self.line:
+            from .line.config import LineConfig
+
+            try:
+                LineConfig.from_dict(self.line)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(str(exc)) from exc
 
     # ---- derived -------------------------------------------------------------------------
     @property

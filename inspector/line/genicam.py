@@ -328,6 +328,10 @@ class GenICamSource(FrameSource):
             except Exception:  # noqa: BLE001 - a lost camera cannot be stopped; drop it
                 pass
 
+    @property
+    def is_open(self) -> bool:
+        return self._cam is not None and not self._closing.is_set()
+
     # ---- triggers and frames ---------------------------------------------------------------
     def software_trigger(self) -> None:
         """Send TriggerSoftware (software trigger mode). Raises SourceLost if the camera is gone."""
