@@ -3,6 +3,10 @@
     .venv/bin/python bench/musc.py                       # CPU: N = 16, 64 at 128 and 256 px
     .venv/bin/python bench/musc.py --full                # adds N = 200 (slow on a small CPU)
     .venv/bin/python bench/musc.py --device cuda --full  # GPU (TF32 distance matmuls by default)
+    # the papers' backbone: ViT-L-14-336 at 518 px, N = 200, official preset (needs imported weights)
+    .venv/bin/python bench/musc.py --device cuda --backbone clip/ViT-L-14-336 --sizes 518 --n 200 --preset official
+    # CPU timing of the same architecture at a smaller size, random weights (speed only, no accuracy)
+    .venv/bin/python bench/musc.py --backbone clip/ViT-L-14-336 --random-weights --sizes 224 --n 16 --preset official
 
 For each (resolution, N): N crops of scikit-image's brick go through the backbone once (its time
 is reported apart), then :meth:`MuSc.score_features` runs the default pipeline (LNAMD r = 1,3,5 on
@@ -119,12 +123,28 @@ def brick_crops(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     return crops
 
 
+def timing_backbone(name: str, size: int, device: torch.device):
+    """``clip/<arch>`` built with random weights: the real architecture (QuickGELU, depth, width)
+    for timing where the weights are not on this machine. Never used for accuracy."""
+    import open_clip
+
+    from inspector.backbone.vit import ClipBackbone
+    from inspector.weights import clip_arch
+
+    arch = name.split("/", 1)[1]
+    torch.manual_seed(0)
+    model = clip_arch(arch).build("cpu")
+    bb = ClipBackbone(model, name=f"{name} (random weights)", image_size=size, is_random=True,
+                      tokenizer=open_clip.get_tokenizer(arch))
+    return bb.to(device)
+
+
 def run_one(bb, n: int, size: int, device: torch.device, aligned: bool, precision: str | None,
-            chunk: int | None) -> dict:
+            chunk: int | None, preset: str = "project") -> dict:
     from inspector.detectors.musc import MuSc
 
     x = bb.preprocess(brick_crops(n, size))
-    m = MuSc(bb, aligned=aligned, align_radius=1, precision=precision, chunk_size=chunk)
+    m = MuSc(bb, aligned=aligned, align_radius=1, precision=precision, chunk_size=chunk, preset=preset)
     sync(device)
     t0 = time.perf_counter()
     feats, glob = m.extract(x)
@@ -168,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=None, help="images per distance block (default: auto)")
     p.add_argument("--aligned", action="store_true", help="add aligned-parts rows (radius 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--preset", default="project", choices=("project", "official"), help="MuSc preset")
+    p.add_argument("--random-weights", action="store_true",
+                   help="clip/<arch> only: the architecture with random weights (timing only, no accuracy)")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "musc.json"))
     args = p.parse_args(argv)
 
@@ -193,16 +216,20 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for size in args.sizes:
-        bb = load_backbone(args.backbone, device=str(device), image_size=size)
-        run_one(bb, 4, size, device, False, args.precision, args.chunk)  # warm-up
+        if args.random_weights:
+            bb = timing_backbone(args.backbone, size, device)
+        else:
+            bb = load_backbone(args.backbone, device=str(device), image_size=size)
+        run_one(bb, 2, size, device, False, args.precision, args.chunk, args.preset)  # warm-up
         for n in ns:
             for aligned in ([False, True] if args.aligned else [False]):
-                r = run_one(bb, n, size, device, aligned, args.precision, args.chunk)
+                r = run_one(bb, n, size, device, aligned, args.precision, args.chunk, args.preset)
                 r["gemm_pct"] = 100 * r["gflops_per_s"] / peak
                 rows.append(r)
                 console.print(f"  {size}px N={n} {r['mode']}: {r['total_ms_per_image']:.1f} ms/img", highlight=False)
 
-    table = Table(title=f"MuSc ({args.backbone}, r=1,3,5, all layers, RsCIN) on {where}")
+    wlabel = " random weights: timing only" if args.random_weights else ""
+    table = Table(title=f"MuSc ({args.backbone}{wlabel}, preset {args.preset}, r=1,3,5, all layers, RsCIN) on {where}")
     cols = ["px", "N", "grid", "mode", "chunk", "backbone ms/img", "musc ms/img", "total ms/img",
             "peak MiB", "model MiB", "GFLOP", "GFLOP/s", "% gemm"]
     for c in cols:
@@ -217,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": where, "precision": prec, "gemm_gflops": peak, "load_average": load,
-                               "backbone": args.backbone, "rows": rows}, indent=2))
+                               "backbone": args.backbone, "random_weights": args.random_weights,
+                               "preset": args.preset, "rows": rows}, indent=2))
     console.print(f"written {out}")
     return 0
 

@@ -38,7 +38,7 @@ def _add_anomalyclip(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=int, default=8, help="default 8")
     p.add_argument("--image-size", type=int, default=None,
-                   help="training resolution (default: the backbone's native size; the paper uses 518)")
+                   help="training resolution (default: the preset's, 518 for official ViT-L-14-336, else native)")
     p.add_argument("--resume", action="store_true", help="continue from --out and its saved optimizer state")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-ctx", type=int, default=N_CTX, help="learnable context tokens per prompt (12)")
@@ -46,7 +46,11 @@ def _add_anomalyclip(sub: argparse._SubParsersAction) -> None:
                    help="deep text-prompt depth incl. the input layer (default 9 of 12 text blocks, scaled)")
     p.add_argument("--t-n-ctx", type=int, default=T_N_CTX, help="deep tokens per layer (4)")
     p.add_argument("--dpam-start", type=int, default=None,
-                   help="1-based visual block where the V-V path starts (default: first feature layer; 0 = off)")
+                   help="1-based visual block where the V-V path starts (default: the preset's; 0 = off)")
+    p.add_argument("--preset", default="official", choices=("official", "project"),
+                   help="official (zqhang/AnomalyCLIP: layer 24, 518 px for ViT-L-14-336, test split) or project")
+    p.add_argument("--splits", nargs="+", default=None, metavar="SPLIT",
+                   help="folder splits to train on (default: the preset's; official: test)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when present)")
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     p.add_argument("--no-cache", action="store_true", help="do not cache the frozen image features in memory")
@@ -74,7 +78,7 @@ def _run_anomalyclip(args: argparse.Namespace) -> int:
     if out.exists() and not args.resume:
         print(f"note: {out} exists and will be overwritten (use --resume to continue it)")
     if args.dpam_start is None:
-        dpam: int | str | None = "auto"
+        dpam: int | str | None = "preset"
     elif args.dpam_start == 0:
         dpam = None
     else:
@@ -85,7 +89,7 @@ def _run_anomalyclip(args: argparse.Namespace) -> int:
         data, out, backbone=bb, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         image_size=args.image_size, resume=args.resume, seed=args.seed, n_ctx=args.n_ctx, depth=args.depth,
         t_n_ctx=args.t_n_ctx, dpam_start=dpam, cache_features=False if args.no_cache else None,
-        workers=args.workers, progress=not args.quiet,
+        workers=args.workers, progress=not args.quiet, preset=args.preset, splits=args.splits,
     )
     last = result.history[-1] if result.history else None
     msg = f"prompts: {result.path} ({result.epochs_done} epochs, {result.samples} images)"

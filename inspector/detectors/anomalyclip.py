@@ -13,28 +13,32 @@ anomalies on products never seen in training:
 * **DPAM** (diagonally prominent attention map): from block ``dpam_start`` on, a *parallel*
   path accumulates V-V self-attention (``softmax(V V^T / sqrt(d)) V``, with the block's own
   value and output projections, no MLP) computed from the original stream, exactly as the
-  official dual path with ``ffn=False``. The original Q-K stream is untouched, so the global
-  embedding is bit-identical to ``model.encode_image``. Patch tokens for the maps come from the
-  V-V path. The official ``DPAM_layer=20`` replaces ``resblocks[-1..-19]``, i.e. blocks 6..24
-  of ViT-L/14 - the V-V path starts at the first feature layer; that is our default for every
-  depth (``dpam_start`` = first feature block; configurable).
-* **Maps**: patch tokens of 4 evenly spaced blocks (6/12/18/24 of ViT-L), each through
-  ``ln_post`` + ``proj``, L2-normalised, cosine similarity with the two text embeddings,
-  ``softmax(sim / 0.07)``, bilinear upsampling to the input size; the anomaly channel is
-  averaged over layers and smoothed (Gaussian, sigma 4 as the official test).
-* **Image score**: ``(1 - w) * p_anomalous(global embedding) + w * max(map)`` with ``w=0.5`` -
-  the official test scores with the global term; the max of the map is the common addition.
-  Both terms lie in [0, 1], so the score does too.
+  official dual path with ``ffn=False``. The original Q-K stream is untouched. Patch tokens for
+  the maps come from the V-V path. The official ``DPAM_layer=20`` replaces
+  ``resblocks[-1..-19]``: blocks 6..24 of ViT-L/14 (``dpam_start`` 5, :func:`official_dpam_start`).
+* **Maps**: patch tokens of the feature layers through ``ln_post`` + ``proj``, L2-normalised,
+  cosine similarity with the two text embeddings, ``softmax(sim / 0.07)``, bilinear upsampling to
+  the input size; the anomaly channel is averaged over layers and smoothed (Gaussian, sigma 4;
+  scipy's edge-repeating padding as the official test).
+* **Image score**: ``(1 - w) * p_anomalous(global embedding) + w * max(map)``; both terms lie in
+  [0, 1], so the score does too.
 * **Training loss** (official): ``4 * sum_layers(focal + dice(anomaly, mask) + dice(normal,
   1 - mask)) + cross_entropy(global logits / 0.07, label)``. Samples without a pixel mask
   contribute only the image-level term.
 
+Presets (:data:`PRESETS`). ``official`` (default) is the code that produced the paper's numbers
+and the released checkpoints (test.sh / train.sh): layer 24 only, DPAM on the last 19 blocks,
+518 px, bilinear position interpolation, global embedding = CLS @ proj without ``ln_post``,
+``w = 0``, training on the auxiliary set's test split. ``project`` keeps this repository's earlier
+choices (layers 6/12/18/24 averaged, DPAM from the first feature layer, bicubic, ``ln_post`` on
+the global embedding, ``w = 0.5``, train + test splits); each is an option, none is measured better.
+
 Differences from the official code, on purpose: it runs on open_clip models without changing
 them (the shared backbone is never patched; V-V attention is computed functionally from each
-block's weights), positional embeddings are interpolated for any input size (also non-square),
-everything is batch-size invariant (the official code assumes batch 1 at test and squeezes masks
-in training), and the global embedding keeps ``ln_post`` like ``encode_image`` (the official
-``VisionTransformer.forward`` drops it).
+block's weights, in the same :meth:`ClipBackbone.run` that MuSc uses), positional embeddings are
+interpolated for any input size (also non-square), everything is batch-size invariant (the
+official code assumes batch 1 at test and squeezes masks in training), and layer maps are
+averaged (the official test sums them: identical for the official single layer).
 """
 
 from __future__ import annotations
@@ -930,7 +934,7 @@ def train_prompts(data: str | os.PathLike | Sequence[Sample], out: str | os.Path
         det = AnomalyCLIP(bb, preset=preset, n_ctx=n_ctx, depth=depth, t_n_ctx=t_n_ctx, dpam_start=dpam_start,
                           seed=seed, random_prompts=True, train_splits=tuple(splits), **options)
         state = None
-    size = int(image_size or (det.config.image_size if resume else None) or bb.preprocess.size)
+    size = int(image_size or det.config.image_size or bb.preprocess.size)  # official: 518 for ViT-L-14-336
     det.config.image_size = size
     params = list(det.parameters())
     opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))

@@ -490,19 +490,26 @@ class MuSc:
         topmin: MSM interval ``(lo, hi)`` of the sorted per-image minima, fractions of ``N-1``.
         layers: backbone layers to use (default: all returned layers).
         rscin: re-score image scores with RsCIN.
-        rscin_k: RsCIN window sizes (official: (1, 2, 3) for MVTec AD, (1, 8, 9) for VisA).
+        rscin_k: RsCIN window sizes (None: by ``dataset``; official (1, 2, 3) MVTec AD, (1, 8, 9) VisA).
         aligned: aligned-parts mode (compare only within ``align_radius`` grid cells).
         align_radius: window half-size in patch-grid cells for ``aligned``.
         chunk_size: images per distance block; None = auto from ``block_bytes``.
         divide_num: split the set into this many subsets, each mutually scored on its own.
-        sigma: Gaussian smoothing of the pixel maps (pixels at the input resolution).
-        position_norm: subtract the per-location median baseline over the set
+        sigma: Gaussian smoothing of the pixel maps (pixels at the input resolution; None: preset).
+        position_norm: (None: preset) subtract the per-location median baseline over the set
             (:func:`position_compensate`; not in the paper, off = the official pipeline).
         precision: ``fp32`` | ``tf32`` | ``bf16`` for the distance matmuls; None = tf32 on CUDA,
             fp32 on CPU (bf16 on CPU is emulated and slow).
         symmetric: force / forbid the half-FLOP schedule (None = auto by table size).
         batch_size: images per backbone forward in :meth:`score`.
         seed: seed of the ``divide_num`` split.
+        preset: ``project`` (default: position_norm + sigma 4, measured better on held-out real
+            data) or ``official`` (xrli-U/MuSc: no position norm, no blur, ``align_corners=True``,
+            image score from the upsampled map). Explicit arguments override the preset.
+        align_corners: bilinear upsampling of the patch maps (official: True).
+        image_score: ``patch`` (max of the patch grid) or ``map`` (max of the upsampled map, official).
+        dataset: ``mvtec`` | ``visa`` | ``btad``: the official RsCIN windows when ``rscin_k`` is None.
+        pos_interp: CLIP position-embedding interpolation (None: the backbone's, bicubic as official).
 
     After each call, ``last_info`` holds diagnostics: raw (pre-RsCIN) image scores, patch-level
     score maps, FLOPs issued and timings.
