@@ -14,8 +14,14 @@ setup:
 demo: setup
 	$(PY) -m inspector.cli serve --sample
 
+# Tests run in a random order (pytest-randomly, loaded explicitly so a missing plugin fails loudly),
+# so no test can lean on another's leftovers. The seed is printed; `make test SEED=N` replays an order.
+ifndef SEED
+SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
 test: setup
-	$(PY) -m pytest -q
+	@echo "test order: random, seed $(SEED) (replay: make test SEED=$(SEED))"
+	$(PY) -m pytest -q -p randomly --randomly-seed=$(SEED)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io as _io
 import os
+import re
 import stat as _stat
 import warnings
 from collections.abc import Sequence
@@ -180,7 +181,9 @@ def _check_header_size(data: np.ndarray, label: str, limit: int) -> None:
     try:
         fmt, w, h = image_header(data)
     except _Bomb as exc:
-        raise ImageError(label, f"image too large ({exc})") from None
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        claim = f"{m.group(1)} pixels" if m else "more than twice the pixel limit"
+        raise ImageError(label, f"image too large (header claims {claim} > limit {limit})") from None
     except ValueError:
         raise ImageError(label, "not a decodable image (corrupt or unsupported format)") from None
     if w * h > limit:
@@ -208,7 +211,32 @@ def to_rgb8(img: np.ndarray, label: str = "<array>", *, max_pixels: int | None =
     if img.dtype == np.uint8 and (img.ndim == 2 or img.shape[2] == 3):  # common case: no float copy
         out = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
         return np.ascontiguousarray(out)
-    img = _to_float01(img, label)
+    if not (img.dtype in (np.uint8, np.uint16, np.bool_) or np.issubdtype(img.dtype, np.floating)):
+        raise ImageError(label, f"unsupported pixel type {img.dtype}")
+    # Row bands of about a million pixels: the float32 temporaries of a 50 MP RGBA or 16-bit image
+    # stay ~16 MB instead of ~800 MB, so memory per decoded image is the image plus a band.
+    step = max(1, _BAND_PIXELS // w)
+    if np.issubdtype(img.dtype, np.floating):
+        lo, hi = np.inf, -np.inf
+        for r0 in range(0, h, step):
+            band = img[r0:r0 + step]
+            if not np.isfinite(band).all():
+                raise ImageError(label, "float image contains NaN or inf")
+            lo, hi = min(lo, float(band.min())), max(hi, float(band.max()))
+        if lo < 0.0 or hi > 1.0:
+            raise ImageError(label, f"float image must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+    out = np.empty((h, w, 3), np.uint8)
+    for r0 in range(0, h, step):
+        out[r0:r0 + step] = _band_rgb8(img[r0:r0 + step])
+    return out
+
+
+_BAND_PIXELS = 1 << 20
+
+
+def _band_rgb8(img: np.ndarray) -> np.ndarray:
+    """One row band to RGB uint8: scale to [0, 1], composite alpha on white (the alpha rule)."""
+    img = _to_float01(img)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     elif img.shape[2] == 2:  # gray + alpha
@@ -217,25 +245,15 @@ def to_rgb8(img: np.ndarray, label: str = "<array>", *, max_pixels: int | None =
     elif img.shape[2] == 4:  # RGBA composited on white
         rgb, alpha = img[..., :3], img[..., 3:]
         img = rgb * alpha + (1.0 - alpha)
-    out = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(out)
+    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
 
-def _to_float01(img: np.ndarray, label: str) -> np.ndarray:
+def _to_float01(img: np.ndarray) -> np.ndarray:
     if img.dtype == np.uint8:
         return img.astype(np.float32) / 255.0
     if img.dtype == np.uint16:
         return img.astype(np.float32) / 65535.0
-    if img.dtype == np.bool_:
-        return img.astype(np.float32)
-    if np.issubdtype(img.dtype, np.floating):
-        if not np.isfinite(img).all():
-            raise ImageError(label, "float image contains NaN or inf")
-        lo, hi = float(img.min()), float(img.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ImageError(label, f"float image must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
-        return img.astype(np.float32)
-    raise ImageError(label, f"unsupported pixel type {img.dtype}")
+    return img.astype(np.float32)  # bool, or float already checked to lie in [0, 1]
 
 
 def write_image(path: str | os.PathLike, rgb: np.ndarray) -> Path:
