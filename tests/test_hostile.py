@@ -365,22 +365,20 @@ def test_bombs_in_a_batch_cost_no_memory(station, tmp_path, brick):
     good.mkdir()
     write_image(good / "good.png", _crop(brick, np.random.default_rng(8)))
     script = r"""
-import resource, runpy, sys
-sys.argv = ["inspector", *sys.argv[1:]]
-try:
-    runpy.run_module("inspector", run_name="__main__")
-except SystemExit as exc:
-    code = exc.code
-print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, code)
+import resource, sys
+from inspector.service import Station
+st = Station(sys.argv[1], device="cpu")
+peaks = []
+for folder in sys.argv[2:]:
+    st.batch(folder, "brick", progress=False, workers=4)
+    peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("MAXRSS_KB", *peaks)
 """
-    peaks = {}
-    for name, f in (("good", good), ("bombs", folder)):
-        res = subprocess.run([sys.executable, "-c", script, "batch", str(f), "--product", "brick", "--data-dir",
-                              str(station.data_dir), "--device", "cpu", "--no-progress", "--workers", "4"],
-                             capture_output=True, text=True, env=ENV, timeout=240)
-        last = res.stdout.strip().splitlines()[-1].split()
-        assert last[0] == "MAXRSS_KB" and last[2] == "0", res.stdout + res.stderr
-        peaks[name] = int(last[1])
+    res = subprocess.run([sys.executable, "-c", script, str(station.data_dir), str(good), str(folder)],
+                         capture_output=True, text=True, env=ENV, timeout=240)
+    last = res.stdout.strip().splitlines()[-1].split() if res.stdout.strip() else [""]
+    assert last[0] == "MAXRSS_KB", res.stdout + res.stderr
+    peaks = {"good": int(last[1]), "bombs": int(last[2])}  # peak after the good batch, then after the bombs
     rows = [r for r in station.store.history(limit=None) if decode_source(r["source"]).startswith(str(folder.resolve()))]
     assert len(rows) == 2 * len(BOMBS) + 1
     assert sum(r["verdict"] == "ERROR" and "image too large" in r["error"] for r in rows) == 2 * len(BOMBS)
