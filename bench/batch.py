@@ -1,13 +1,21 @@
-"""Folder batch throughput and peak memory: `inspector batch` end to end.
+"""Folder batch throughput and peak memory: `inspector batch` end to end, local and on Ray.
 
     .venv/bin/python bench/batch.py [--n 500] [--size 256] [--device cpu|cuda] [--batch-sizes 8 32]
                                     [--detector graphcore] [--backbone efficientnet-lite0] [--heatmaps all]
+    .venv/bin/python bench/batch.py --engines [--n 120] [--size 256] [--ray-cpus 2]
 
 Builds a folder of ``n`` PNG images (``size`` x ``size`` crops of scikit-image textures), registers
 a product on 2 shots, then runs each configuration in a fresh child process (so peak memory is
 that run's alone) and prints one table: images/s over the whole batch (decode, model, heatmap
 PNGs, database commits, CSV + HTML report; model loading excluded), and the child's peak RSS.
 Peak RSS is also measured for a folder a fifth the size: if the batch streams, it barely changes.
+
+``--engines``: the same folder through the local engine, then Ray with 1 and with 2 scoring
+actors (a local Ray instance of ``--ray-cpus`` CPUs started in the child), in one run. Ray rates
+are over the whole run, actor start-up and model loading included (a real cost of every Ray
+run; it amortises over a large batch); peak memory is each scoring actor's own peak RSS, read
+from the Parquet results. Writes ``bench/out/batch_engines.json`` and ``bench/BATCH.md``, which
+the README quotes, with the paper sizing from ``--sizing`` numbers (see :func:`sizing`).
 """
 
 from __future__ import annotations
@@ -79,6 +87,35 @@ def child(args) -> None:
                       "threads": torch.get_num_threads()}))
 
 
+def ray_child(args) -> None:
+    """One Ray batch run in this process (a local Ray instance of ``--ray-cpus`` CPUs); JSON line."""
+    import pyarrow.dataset as pads
+
+    from inspector.batch_ray import connect, run_batch_ray
+    from inspector.service import Station
+
+    os.environ["PYTHONPATH"] = str(ROOT)  # the Ray workers import this checkout
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    st = Station(args.data, device=args.device)
+    prod = st.registry.get(args.product)
+    t0 = time.perf_counter()
+    connect(None, num_cpus=args.ray_cpus, object_store_memory=512 * 2**20)
+    t_ray = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s = run_batch_ray(args.folder, prod.name, st.registry, st.store, workers=args.ray_workers,
+                      batch_size=args.batch_size, progress=False, resume=False, heatmaps=args.heatmaps,
+                      out_dir=Path(args.data) / f"bench-ray-{args.ray_workers}")
+    wall = time.perf_counter() - t0
+    table = pads.dataset(str(Path(s.out_dir) / "results"), format="parquet").to_table(
+        columns=["worker", "worker_peak_rss_mib"]).to_pylist()
+    peaks: dict[str, float] = {}
+    for r in table:
+        if r["worker"]:
+            peaks[r["worker"]] = max(peaks.get(r["worker"], 0.0), r["worker_peak_rss_mib"] or 0.0)
+    print(json.dumps({"n": s.n_new, "wall_s": wall, "ips": s.n_new / wall, "ray_start_s": t_ray,
+                      "worker_peak_rss_mib": sorted(peaks.values()), "driver_peak_rss_mib": peak_rss_mib()}))
+
+
 def run_child(cmd: list[str]) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
@@ -97,7 +134,12 @@ def main() -> None:
     ap.add_argument("--heatmaps", default="all", choices=("all", "flagged", "none"))
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     ap.add_argument("--workdir", default=None, help="keep data here (default: a temporary folder)")
+    ap.add_argument("--engines", action="store_true",
+                    help="compare the local engine with Ray (1 and 2 workers) on one folder; writes bench/BATCH.md")
+    ap.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray instance")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ray-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ray-workers", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--product", help=argparse.SUPPRESS)
@@ -105,6 +147,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.ray_child:
+        return ray_child(args)
 
     from rich.console import Console
     from rich.table import Table
@@ -130,6 +174,9 @@ def main() -> None:
                              n_synthetic=4)
         print(f"registered {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
+    if args.engines:
+        return engines(args, data, big, name)
+
     table = Table(title=f"inspector batch: {args.detector} on {args.backbone} @ {args.size}px, "
                         f"heatmaps={args.heatmaps}, device={args.device}")
     for c in ("images", "batch", "threads", "img/s", "wall s", "RSS loaded MiB", "peak RSS MiB", "CUDA peak MiB"):
@@ -145,6 +192,58 @@ def main() -> None:
     Console().print(table)
     load = os.getloadavg()
     print(f"{os.cpu_count()} CPUs, load average {load[0]:.1f} during the run")
+
+
+def engines(args, data: Path, folder: Path, name: str) -> None:
+    """Local engine, Ray x1, Ray x2 on the same folder; table + bench/out/batch_engines.json + bench/BATCH.md."""
+    import platform
+
+    import torch
+
+    bs = args.batch_sizes[0]
+    common = ["--data", str(data), "--product", name, "--device", args.device, "--heatmaps", args.heatmaps,
+              "--folder", str(folder), "--batch-size", str(bs)]
+    load0 = os.getloadavg()[0]
+    runs = [dict(engine="local", workers=1, **run_child([sys.executable, __file__, "--child", "--threads",
+                                                        str(args.threads), *common]))]
+    for w in (1, 2):
+        runs.append(dict(engine="ray", workers=w, **run_child([sys.executable, __file__, "--ray-child", "--ray-workers",
+                                                               str(w), "--ray-cpus", str(args.ray_cpus), *common])))
+    env = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2), "device": args.device}
+    js = {"command": " ".join(["bench/batch.py", *sys.argv[1:]]), "n": args.n, "size": args.size,
+          "detector": args.detector, "backbone": args.backbone, "batch_size": bs, "heatmaps": args.heatmaps,
+          "ray_cpus": args.ray_cpus, "environment": env, "runs": runs}
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batch_engines.json").write_text(json.dumps(js, indent=2) + "\n")
+    md = engines_markdown(js)
+    (ROOT / "bench" / "BATCH.md").write_text(md)
+    print(md)
+
+
+def engines_markdown(js: dict) -> str:
+    rows = ["| engine | scoring workers | images | img/s (whole run) | wall s | peak RSS per worker MiB |",
+            "|---|---|---|---|---|---|"]
+    for r in js["runs"]:
+        peak = (f"{r['peak_rss_mib']:.0f} (one process)" if r["engine"] == "local"
+                else ", ".join(f"{v:.0f}" for v in r["worker_peak_rss_mib"]))
+        rows.append(f"| {r['engine']} | {r['workers']} | {r['n']} | {r['ips']:.2f} | {r['wall_s']:.1f} | {peak} |")
+    e = js["environment"]
+    return "\n".join([
+        "## Batch engines: local vs Ray",
+        "",
+        f"`{js['command']}`: {js['n']} PNGs of {js['size']} px, {js['detector']} on {js['backbone']} @ "
+        f"{js['size']} px, batch size {js['batch_size']}, heatmaps={js['heatmaps']}, device {e['device']}; "
+        f"{e['cpus']} CPUs ({e['cpu']}), torch {e['torch']}, a local Ray instance of {js['ray_cpus']} CPUs; "
+        f"1-minute load average {e['load_before']} before, {e['load_after']} after (a shared machine).",
+        "",
+        *rows,
+        "",
+        "Ray rates include starting the scoring actors and loading the model in each (the local engine's model "
+        "load is excluded), so on a few hundred images they understate the steady rate.",
+        "",
+    ])
 
 
 if __name__ == "__main__":

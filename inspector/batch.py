@@ -216,6 +216,55 @@ class _Progress:
             self.bar.stop()
 
 
+@dataclass
+class Scored:
+    item: _Loaded
+    score: float
+    map: np.ndarray  # at the model's input size, raw score units
+    ms: float  # model time per image in its mini-batch
+
+
+def score_items(registry, prod, items: list[_Loaded], runtime: str = "torch") -> list[Scored]:
+    """THE scoring step of every batch engine (local here, Ray in :mod:`inspector.batch_ray`), so
+    both give identical scores. A mini-batch that fails as a whole is split to isolate the failing
+    file(s): those get ``item.error`` set and are left out of the result."""
+    try:
+        res, ms = registry.score(prod, [it.rgb for it in items], runtime)
+        return [Scored(it, float(s), m, ms) for it, m, s in zip(items, res.maps.numpy(), res.scores.tolist())]
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        if len(items) == 1:
+            items[0].error = f"scoring failed ({type(exc).__name__}: {exc})"
+            items[0].rgb = items[0].view = None
+            return []
+        return [sc for it in items for sc in score_items(registry, prod, [it], runtime)]
+
+
+def heatmap_file(hm_dir: Path, root: Path | None, path: Path) -> Path:
+    """Where a batch file's heatmap PNG goes: a hash of its path relative to the batch root (the
+    absolute path for a file outside it, e.g. from a manifest) plus its stem."""
+    try:
+        rel = path.relative_to(root) if root is not None else path
+    except ValueError:
+        rel = path
+    tag = hashlib.sha1(os.fsencode(rel)).hexdigest()[:10]
+    stem = re.sub(r"[^\w.-]", "_", path.stem[:60])  # any name (non-UTF-8 too) gives a writable one
+    return hm_dir / f"{tag}_{stem}.png"
+
+
+def result_row(prod, batch_id: str, sc: Scored, heatmaps: str, hm_dir: Path, root: Path | None,
+               source: str | None = None) -> tuple[dict, Path | None]:
+    """The store row of one scored file and the heatmap PNG it should get (None: no PNG)."""
+    verdict = prod.thresholds.decide(sc.score)
+    hp = None
+    if heatmaps == "all" or (heatmaps == "flagged" and verdict.value != "OK"):
+        hp = heatmap_file(hm_dir, root, sc.item.path)
+    return dict(product=prod.name, source=source or str(sc.item.path), image_sha256=sc.item.sha256,
+                score=sc.score, verdict=verdict.value, heatmap_path=None if hp is None else str(hp),
+                model_version=prod.version, latency_ms=sc.ms, batch_id=batch_id), hp
+
+
 def run_batch(folder: str | os.PathLike, product, registry, store, out_dir: str | os.PathLike | None = None, *,
               batch_size: int = 8, progress: bool = True, resume: bool = True, runtime: str = "torch",
               heatmaps: str = "all", data_dir: str | os.PathLike | None = None, workers: int | None = None,
@@ -301,46 +350,26 @@ class _Ctx:
                     verdict=ERROR, model_version=self.prod.version, batch_id=self.batch_id, error=item.error)
 
     def heatmap_path(self, path: Path) -> Path:
-        rel = path.relative_to(self.folder)
-        tag = hashlib.sha1(os.fsencode(rel)).hexdigest()[:10]
-        stem = re.sub(r"[^\w.-]", "_", path.stem[:60])  # any name (non-UTF-8 too) gives a writable one
-        return self.hm_dir / f"{tag}_{stem}.png"
+        return heatmap_file(self.hm_dir, self.folder, path)
 
-    def rows_for(self, items: list[_Loaded], res, ms: float) -> tuple[list[dict], list[Future]]:
+    def rows_for(self, scored: list[Scored]) -> tuple[list[dict], list[Future]]:
         """Rows for scored items and the futures of their heatmap PNGs (written in the pool). The
         caller commits the rows only once those futures are done, so a committed row's heatmap
         exists."""
         rows, futs = [], []
-        th = self.prod.thresholds
-        for it, m, s in zip(items, res.maps.numpy(), res.scores.tolist()):
-            verdict = th.decide(float(s))
-            hp = None
-            if self.heatmaps == "all" or (self.heatmaps == "flagged" and verdict.value != "OK"):
-                hp = self.heatmap_path(it.path)
-                futs.append(self.pool.submit(save_heatmap, hp, it.view, m, th, self.prod.map_low))
-            rows.append(dict(product=self.prod.name, source=str(it.path), image_sha256=it.sha256, score=float(s),
-                             verdict=verdict.value, heatmap_path=None if hp is None else str(hp),
-                             model_version=self.prod.version, latency_ms=ms, batch_id=self.batch_id))
+        for sc in scored:
+            row, hp = result_row(self.prod, self.batch_id, sc, self.heatmaps, self.hm_dir, self.folder)
+            if hp is not None:
+                futs.append(self.pool.submit(save_heatmap, hp, sc.item.view, sc.map, self.prod.thresholds,
+                                             self.prod.map_low))
+            rows.append(row)
         return rows, futs
 
     def score_items(self, items: list[_Loaded]) -> tuple[list[dict], list[Future]]:
-        """Score a mini-batch; if the batch fails as a whole, isolate the failing file(s)."""
-        try:
-            res, ms = self.registry.score(self.prod, [it.rgb for it in items], self.runtime)
-            return self.rows_for(items, res, ms)
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as exc:
-            if len(items) == 1:
-                items[0].error = f"scoring failed ({type(exc).__name__}: {exc})"
-                items[0].rgb = items[0].view = None
-                return [self.error_row(items[0])], []
-            rows, futs = [], []
-            for it in items:
-                r, f = self.score_items([it])
-                rows += r
-                futs += f
-            return rows, futs
+        scored = score_items(self.registry, self.prod, items, self.runtime)
+        ok = {id(sc.item) for sc in scored}
+        rows, futs = self.rows_for(scored)
+        return [self.error_row(it) for it in items if id(it) not in ok] + rows, futs
 
     def commit(self, rows: list[dict], futs: list[Future]) -> int:
         """Wait for the rows' heatmaps, then insert the rows in one transaction; advance the bar.
@@ -392,8 +421,6 @@ def _run_mutual(ctx: _Ctx, files: list[Path], done: set[str], batch_size: int, s
     """MuSc: the folder is the mutual set, scored in seeded-shuffled subsets of ``subset`` files."""
     import torch
 
-    from .detectors.base import AnomalyResult
-
     subset = max(2, int(subset))
     order = np.random.default_rng(int(ctx.batch_id[:8], 16)).permutation(len(files))
     n_new = 0
@@ -423,10 +450,11 @@ def _run_mutual(ctx: _Ctx, files: list[Path], done: set[str], batch_size: int, s
             res = ctx.rt.score_set(cat, torch.cat(globs) if globs else None)
             ms = (time.perf_counter() - t0) * 1e3 / len(good)
             keep = [i for i, it in enumerate(good) if str(it.path) not in done]
-            scored, futs = ctx.rows_for([good[i] for i in keep], AnomalyResult(res.maps[keep], res.scores[keep]), ms)
+            scored, futs = ctx.rows_for([Scored(good[i], float(res.scores[i]), res.maps[i].numpy(), ms) for i in keep])
             rows += scored
         n_new += ctx.commit(rows, futs)
     return n_new
 
 
-__all__ = ["BatchSummary", "HEATMAP_MODES", "batch_id_for", "iter_files", "load_file", "run_batch"]
+__all__ = ["BatchSummary", "HEATMAP_MODES", "Scored", "batch_id_for", "heatmap_file", "iter_files", "load_file",
+           "result_row", "run_batch", "score_items"]

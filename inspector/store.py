@@ -12,7 +12,9 @@ Schema versions live in ``schema_version``; :data:`MIGRATIONS` lists the steps, 
 inside one write transaction at start-up, so an old database is upgraded in place.
 
 Batch rows carry ``batch_id``; ``(batch_id, source)`` is unique and batch inserts skip
-conflicting rows, so a resumed batch can never record one file twice.
+conflicting rows, so a resumed batch can never record one file twice. Distributed batches
+(:mod:`inspector.batch_ray`) write with :meth:`Store.upsert_batch_results`, idempotent per
+``(batch_id, source, image_sha256)``.
 """
 
 from __future__ import annotations
@@ -268,6 +270,32 @@ class Store:
         else:  # other backends: plain insert, the unique constraint still refuses duplicates
             return insert(inspections)
         return dialect_insert(inspections).on_conflict_do_nothing(index_elements=["batch_id", "source"])
+
+    def upsert_batch_results(self, rows: Iterable[dict]) -> int:
+        """Idempotent write of batch results (the commit point of a distributed batch), in ONE
+        transaction. A result is keyed by ``(batch_id, source, image_sha256)``: writing the same key
+        again (a retried task, a worker that died after committing) changes nothing; a row for the
+        same ``(batch_id, source)`` with a *different* sha256 (the file was replaced between two
+        attempts) replaces the stale row, so one row per file always describes the bytes scored.
+        Returns how many rows were inserted or replaced."""
+        rows = [self._row(**r) for r in rows]
+        if not rows:
+            return 0
+        with self._write() as conn, conn.begin():
+            name = conn.dialect.name
+            if name == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert as dialect_insert
+            elif name == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as dialect_insert
+            else:
+                raise NotImplementedError(f"batch upserts need SQLite or PostgreSQL, not {name}")
+            stmt = dialect_insert(inspections)
+            cols = ("product", "created_at", "image_sha256", "score", "verdict", "heatmap_path", "model_version",
+                    "latency_ms", "error")
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["batch_id", "source"], set_={c: stmt.excluded[c] for c in cols},
+                where=inspections.c.image_sha256.is_distinct_from(stmt.excluded.image_sha256))
+            return sum(max(0, conn.execute(stmt, [r]).rowcount) for r in rows)
 
     def set_decision(self, inspection_id: int, decision: str, operator: str | None = None) -> None:
         """Record an operator's review ("accept" or "reject") of one inspection."""

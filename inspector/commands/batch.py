@@ -1,8 +1,9 @@
-"""`inspector batch FOLDER --product P`: score a folder, resumable, with CSV + HTML report."""
+"""`inspector batch FOLDER --product P [--engine ray]`: score a folder, resumable, with CSV + HTML report."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ._common import add_data_dir, add_device, station
@@ -14,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Stream every file under FOLDER through the product's detector in batches and record each "
                     "one (unreadable files with their reason). Interrupted, the same command resumes where it "
                     "stopped: no file is scored twice.")
-    p.add_argument("folder")
+    p.add_argument("folder", metavar="FOLDER|GLOB|MANIFEST",
+                   help="a folder; with --engine ray also a glob or a CSV/Parquet manifest (column 'path')")
     p.add_argument("--product", "-p", required=True)
     p.add_argument("--out", default=None, metavar="DIR", help="report folder (default: DATA/batches/<batch id>)")
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
@@ -24,7 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--musc-subset", type=int, default=64, help="MuSc products: images per mutual subset")
     p.add_argument("--no-resume", action="store_true", help="start a new batch instead of resuming this one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--workers", type=int, default=None, help="image decoding threads")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local engine: image decoding threads; ray: scoring actors (default: one per GPU, "
+                        "else CPUs - 1)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: Ray Data over a Ray cluster")
+    p.add_argument("--address", default=None, metavar="auto|ray://HOST:PORT",
+                   help="ray: the cluster to join (default $RAY_ADDRESS, else a local Ray instance)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, metavar="F",
+                   help="ray: GPUs per scoring actor (default 1 when the cluster has GPUs, else 0)")
     add_data_dir(p)
     add_device(p)
     p.set_defaults(func=run)
@@ -38,11 +48,20 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--batch-size must be >= 1", EXIT_USAGE)
     st = station(args)
     st.registry.get(args.product)
+    common = dict(out_dir=args.out, batch_size=args.batch_size, progress=not args.no_progress and sys.stderr.isatty(),
+                  resume=not args.no_resume, runtime=args.runtime, heatmaps=args.heatmaps, workers=args.workers)
     try:
-        s = st.batch(args.folder, args.product, out_dir=args.out, batch_size=args.batch_size,
-                     progress=not args.no_progress and sys.stderr.isatty(), resume=not args.no_resume,
-                     runtime=args.runtime, heatmaps=args.heatmaps, workers=args.workers,
-                     musc_subset=args.musc_subset)
+        if args.engine == "ray":
+            from ..batch_ray import RayUnavailable, run_batch_ray
+
+            try:
+                s = run_batch_ray(args.folder, args.product, st.registry, st.store, data_dir=st.data_dir,
+                                  address=args.address or os.environ.get("RAY_ADDRESS"),
+                                  gpus_per_worker=args.gpus_per_worker, **common)
+            except RayUnavailable as exc:
+                raise CommandError(str(exc)) from exc
+        else:
+            s = st.batch(args.folder, args.product, musc_subset=args.musc_subset, **common)
     except RuntimeUnavailable as exc:
         raise CommandError(str(exc)) from exc
     except KeyboardInterrupt:
@@ -52,4 +71,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"batch {s.batch_id}: {s.n_files} files ({counts}); {s.n_new} recorded now, "
           f"{s.n_skipped} already recorded; {s.images_per_s} files/s")
     print(f"  CSV  {s.csv_path}\n  HTML {s.html_path}")
+    if args.engine == "ray":
+        print(f"  Parquet {s.out_dir}/results")
     return 0
