@@ -409,8 +409,10 @@ class StationApp:
         # Not under the station-wide lock: the product's runtime serialises each model call (one
         # chunk of images at a time), so operators' inspections interleave with a long batch.
         try:
-            summary = self.station.batch(root, product, progress=False, on_progress=on_progress, roots=roots)
-        except (FileNotFoundError, ValueError) as exc:
+            summary = self.station.batch(root, product, progress=False, on_progress=on_progress, roots=roots,
+                                         **({"engine": "ray", "address": self.config.ray_address}
+                                            if self.config.ray_address else {}))
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: Ray/runtime unavailable
             raise _error(str(exc)) from exc
         finally:
             if upload is not None and not self.config.keep_uploads:

@@ -209,17 +209,79 @@ def engines(args, data: Path, folder: Path, name: str) -> None:
     for w in (1, 2):
         runs.append(dict(engine="ray", workers=w, **run_child([sys.executable, __file__, "--ray-child", "--ray-workers",
                                                                str(w), "--ray-cpus", str(args.ray_cpus), *common])))
+    from inspector.service import Station
+
+    st = Station(data, device="cpu")
+    torch.set_num_threads(1)
+    gc = graphcore_flops(st, name, folder)
+    js_sizing = sizing(gc, runs[0]["ips"], gc, args.size) if args.detector == "graphcore" else None
     env = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
            "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2), "device": args.device}
     js = {"command": " ".join(["bench/batch.py", *sys.argv[1:]]), "n": args.n, "size": args.size,
           "detector": args.detector, "backbone": args.backbone, "batch_size": bs, "heatmaps": args.heatmaps,
-          "ray_cpus": args.ray_cpus, "environment": env, "runs": runs}
+          "ray_cpus": args.ray_cpus, "environment": env, "runs": runs, "sizing": js_sizing}
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "batch_engines.json").write_text(json.dumps(js, indent=2) + "\n")
     md = engines_markdown(js)
     (ROOT / "bench" / "BATCH.md").write_text(md)
     print(md)
+
+
+#: Paper-sizing assumptions (stated in the README next to the numbers they produce).
+GPU = {"name": "NVIDIA L4", "tf32_dense_tflops": 60.0, "fp16_dense_tflops": 121.0}
+EFFICIENCY = {"graphcore": 0.10, "musc": 0.40}  # sustained share of the TF32 peak (see sizing())
+IMAGES_PER_DAY = 10_000_000
+DUTY = 0.7  # planned utilisation: headroom for stragglers, retries and uneven arrival
+
+
+def graphcore_flops(st, name: str, folder: Path, n: int = 4) -> float:
+    """FLOPs per image of the product's scoring call, counted by torch's FlopCounterMode on the real
+    model (matmuls and convolutions; GraphCore's symmetrised passes and kNN distances included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from inspector.io import read_image
+
+    prod = st.registry.get(name)
+    imgs = [read_image(p) for p in sorted(folder.iterdir())[:n]]
+    st.registry.score(prod, imgs)  # warm-up (lazy buffers)
+    with FlopCounterMode(display=False) as fc:
+        st.registry.score(prod, imgs)
+    return fc.get_total_flops() / n
+
+
+def musc_flops(size: int = 518, n_set: int = 64, patch: int = 14, dim: int = 1024, depth: int = 24,
+               n_layers: int = 4, n_r: int = 3) -> dict:
+    """FLOPs per image of MuSc on ViT-L-14-336 at ``size`` px in mutual sets of ``n_set`` images:
+    the ViT forward (``24 T d^2 + 4 T^2 d`` per block, T tokens) and the mutual-scoring distance
+    matmuls, counted by MuSc's own :func:`~inspector.detectors.musc.msm_flops` for each of the
+    ``n_layers x n_r`` (layer, LNAMD r) pairs, divided over the set."""
+    from inspector.detectors.musc import msm_flops
+
+    t = (size // patch) ** 2 + 1
+    vit = depth * (24 * t * dim**2 + 4 * t**2 * dim)
+    msm = n_layers * n_r * msm_flops(n_set, t - 1, dim) / n_set
+    return {"vit": float(vit), "msm": float(msm), "total": float(vit + msm)}
+
+
+def sizing(gc_flops: float, local_ips: float, local_flops_img: float, size: int) -> dict:
+    """Images/s per GPU = efficiency x peak / FLOPs per image; GPUs for IMAGES_PER_DAY at DUTY.
+    The CPU check: what this machine sustained (local engine, FLOPs x images/s)."""
+    import math
+
+    need = IMAGES_PER_DAY / 86400
+    peak = GPU["tf32_dense_tflops"] * 1e12
+    out = {"gpu": GPU, "efficiency": EFFICIENCY, "images_per_day": IMAGES_PER_DAY, "duty": DUTY,
+           "required_ips": need, "cpu_sustained_gflops": local_ips * local_flops_img / 1e9}
+    rows = []
+    for label, flops, eff in ((f"GraphCore, EfficientNet-Lite0 @ {size}px", gc_flops, EFFICIENCY["graphcore"]),
+                              *[(f"MuSc, ViT-L-14-336 @ 518px, sets of {n}", musc_flops(518, n)["total"],
+                                 EFFICIENCY["musc"]) for n in (64, 200)]):
+        ips = eff * peak / flops
+        rows.append({"config": label, "gflop_per_image": flops / 1e9, "ips_per_gpu": ips,
+                     "gpus_10m_per_day": math.ceil(need / (ips * DUTY))})
+    out["rows"] = rows
+    return out
 
 
 def engines_markdown(js: dict) -> str:
@@ -243,7 +305,33 @@ def engines_markdown(js: dict) -> str:
         "Ray rates include starting the scoring actors and loading the model in each (the local engine's model "
         "load is excluded), so on a few hundred images they understate the steady rate.",
         "",
+        *sizing_markdown(js.get("sizing")),
     ])
+
+
+def sizing_markdown(sz: dict | None) -> list[str]:
+    if not sz:
+        return []
+    g = sz["gpu"]
+    rows = ["| configuration | GFLOP / image | images/s per GPU (estimate) | GPUs for 10 M images/day |",
+            "|---|---|---|---|"]
+    rows += [f"| {r['config']} | {r['gflop_per_image']:.1f} | {r['ips_per_gpu']:.0f} | {r['gpus_10m_per_day']} |"
+             for r in sz["rows"]]
+    return [
+        "### Paper sizing (an ESTIMATE: no GPU was measured)",
+        "",
+        f"10 M images/day = {sz['required_ips']:.0f} images/s sustained. Per-image FLOPs: GraphCore counted by "
+        "torch's FlopCounterMode on the real product's scoring call; MuSc from the ViT-L block formula plus "
+        "MuSc's own `msm_flops` for 4 layers x 3 LNAMD radii, spread over the mutual set. Images/s per GPU = "
+        f"sustained share x {g['name']} TF32 dense peak ({g['tf32_dense_tflops']:.0f} TFLOPS) / FLOPs per image, "
+        f"with the shares assumed at {sz['efficiency']['graphcore']:.0%} for GraphCore (small depthwise CNN at "
+        f"batch 8-32: memory-bound, far from the matmul peak) and {sz['efficiency']['musc']:.0%} for MuSc "
+        f"(large distance GEMMs). GPUs = 10 M/day / (rate x {sz['duty']:.0%} planned utilisation). "
+        f"Check on this CPU: the local engine sustained {sz['cpu_sustained_gflops']:.1f} GFLOP/s on GraphCore.",
+        "",
+        *rows,
+        "",
+    ]
 
 
 if __name__ == "__main__":

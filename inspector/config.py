@@ -36,7 +36,7 @@ one message that says nothing about what exists (:meth:`StationConfig.camera_sou
 Environment: ``INSPECTOR_HOST``, ``INSPECTOR_PORT``, ``INSPECTOR_DATA``, ``INSPECTOR_CONFIG``
 (path of the file), ``INSPECTOR_USERS`` (``"alice:pw,bob:sha256:..."``),
 ``INSPECTOR_MAX_FILE_SIZE``, ``INSPECTOR_BATCH_ROOTS`` (``os.pathsep``-separated),
-``INSPECTOR_CONCURRENCY``, ``INSPECTOR_CAMERA``.
+``INSPECTOR_CONCURRENCY``, ``INSPECTOR_CAMERA``, ``INSPECTOR_RAY_ADDRESS`` (Batch tab on a Ray cluster).
 
 Security notes for the whole station: README.md, "Security notes".
 """
@@ -107,6 +107,8 @@ class StationConfig:
     detectors: list[str] = field(default_factory=lambda: ["graphcore", "musc", "anomalyclip"])
     #: input resolutions offered in the Register tab (first = default)
     image_sizes: list[int] = field(default_factory=lambda: [256, 224, 320, 128])
+    #: Batch tab: run batches on this Ray cluster ("auto", "ray://head:10001"); None: on the station
+    ray_address: str | None = None
     #: batches from uploaded zip files: limits against zip bombs
     max_zip_members: int = 5000
     max_zip_bytes: int = 2 * 1024**3
@@ -307,6 +309,7 @@ _ENV = {
     "INSPECTOR_BATCH_ROOTS": "allowed_batch_roots",
     "INSPECTOR_CONCURRENCY": "concurrency",
     "INSPECTOR_CAMERA": "camera",
+    "INSPECTOR_RAY_ADDRESS": "ray_address",
     "INSPECTOR_CAMERA_URLS": "camera_urls",
 }
 

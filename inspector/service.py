@@ -110,7 +110,15 @@ class Station:
     def decide(self, inspection_id: int, decision: str, operator: str | None = None) -> None:
         self.store.set_decision(inspection_id, decision, operator)
 
-    def batch(self, folder, product: str, **kwargs):
+    def batch(self, folder, product: str, *, engine: str = "local", **kwargs):
+        """A folder batch on this machine (``engine="local"``) or on a Ray cluster (``"ray"``, with
+        ``address=``, ``workers=``..., see :func:`inspector.batch_ray.run_batch_ray`)."""
+        if engine == "ray":
+            from .batch_ray import run_batch_ray
+
+            return run_batch_ray(folder, product, self.registry, self.store, data_dir=self.data_dir, **kwargs)
+        if engine != "local":
+            raise ValueError(f"unknown batch engine {engine!r}; choose local or ray")
         from .batch import run_batch
 
         return run_batch(folder, product, self.registry, self.store, data_dir=self.data_dir, **kwargs)

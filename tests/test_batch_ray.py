@@ -116,7 +116,7 @@ def test_ray_manifest_scores_like_local_engine_and_records_bad_files(ray_cluster
     assert (s.n_files, s.n_new, s.n_scored, s.n_errors) == (13, 13, 10, 3)
     rows = {Path(r["source"]).name: r for r in station.store.history(batch_id=s.batch_id, limit=None)}
     assert "empty file" in rows["img0007b.jpg"]["error"] and "not a decodable image" in rows["img0004b.png"]["error"]
-    assert "unreadable" in rows["missing.png"]["error"] and rows["missing.png"]["verdict"] == "ERROR"
+    assert "not found" in rows["missing.png"]["error"] and rows["missing.png"]["verdict"] == "ERROR"
     local = run_batch(folder, "brick", station.registry, station.store, batch_size=4, progress=False, resume=False,
                       heatmaps="none", report=False)
     ref = {Path(r["source"]).name: r for r in station.store.history(batch_id=local.batch_id, limit=None)}
@@ -166,9 +166,7 @@ def test_killed_scoring_actor_mid_run_loses_and_duplicates_nothing(ray_cluster, 
     assert len(set(table.column("worker").to_pylist()) - {None}) >= 2  # the killed actor and its replacement
 
 
-def test_killed_driver_then_rerun_resumes(ray_cluster, station, brick_crops, tmp_path):
-    from inspector.batch_ray import run_batch_ray
-
+def test_killed_driver_then_rerun_from_the_station_resumes(ray_cluster, station, brick_crops, tmp_path):
     folder = tmp_path / "kill-driver"
     files = _folder(folder, brick_crops, 40, seed=3)
     (folder / "img0020x.png").write_bytes(b"not an image")
@@ -192,12 +190,19 @@ def test_killed_driver_then_rerun_resumes(ray_cluster, station, brick_crops, tmp
             proc.kill()
     partial = watcher.count(batch_id=bid)
     assert 4 <= partial < len(files) + 1, partial
-    s = run_batch_ray(folder, "brick", station.registry, station.store, workers=1, batch_size=4, progress=False,
-                      heatmaps="none")
+    # the rerun comes from the station's Batch tab, configured to submit to this Ray cluster
+    from app.station import StationApp
+    from inspector.config import StationConfig
+
+    cfg = StationConfig.load(env={"INSPECTOR_RAY_ADDRESS": ray_cluster, "INSPECTOR_BATCH_ROOTS": str(tmp_path)})
+    assert cfg.ray_address == ray_cluster
+    msg, _, reports = StationApp(station, cfg).on_batch("brick", str(folder), None, None,
+                                                       progress=lambda *a, **k: None)
     rows = watcher.history(batch_id=bid, limit=None)
     sources = [r["source"] for r in rows]
     assert len(sources) == len(set(sources)) == len(files) + 1  # exactly once each, the bad file included
-    assert s.n_skipped >= partial and s.n_skipped + s.n_new == len(files) + 1 and s.n_new > 0
-    assert sum(r["verdict"] == "ERROR" for r in rows) == 1
-    table = _parquet(s.out_dir)  # the killed run's committed rows were filled in
+    skipped = int(msg.split(" already done earlier")[0].rsplit("(", 1)[1])
+    assert f"`{bid}`" in msg and partial <= skipped < len(files) + 1, msg
+    assert sum(r["verdict"] == "ERROR" for r in rows) == 1 and len(reports) == 2
+    table = _parquet(station.data_dir / "batches" / bid)  # the killed run's committed rows were filled in
     assert sorted(table.column("source").to_pylist()) == sorted(sources)
