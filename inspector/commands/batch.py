@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from ._common import add_data_dir, add_device, station
 
@@ -61,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
             except RayUnavailable as exc:
                 raise CommandError(str(exc)) from exc
         else:
+            if not Path(args.folder).is_dir() and (any(c in args.folder for c in "*?[")
+                                                   or Path(args.folder).suffix.lower() in (".csv", ".parquet")):
+                raise CommandError(f"{args.folder}: a glob or a manifest runs with --engine ray", EXIT_USAGE)
             s = st.batch(args.folder, args.product, musc_subset=args.musc_subset, **common)
     except RuntimeUnavailable as exc:
         raise CommandError(str(exc)) from exc
