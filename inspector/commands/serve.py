@@ -102,6 +102,27 @@ def run(args: argparse.Namespace) -> int:
     app = StationApp(station, cfg)
     for w in cfg.warnings():
         print(f"warning: {w}")
+    line = _start_line(station, cfg)  # [line] enabled = true: camera -> verdicts to the PLC, next to the UI
     print(f"inspection station on http://{cfg.host}:{cfg.port}  (data: {station.data_dir}; Ctrl-C stops)")
-    app.launch()
+    try:
+        app.launch()
+    finally:
+        if line is not None:
+            line.stop()
     return 0
+
+
+def _start_line(station, cfg):
+    if not cfg.line:
+        return None
+    from ..line.config import LineConfig
+
+    lc = LineConfig.from_dict(cfg.line)
+    if not lc.enabled:
+        return None
+    from ..line.runner import LineStation
+
+    line = LineStation(station, lc).start()
+    for msg in line.describe():
+        print(msg)
+    return line

@@ -119,7 +119,10 @@ class RejectGateServer:
     async def _action(self, function_code, start_address, address, count, current_registers, set_values):
         if function_code not in _READS:
             return ExcCodes.ILLEGAL_FUNCTION  # read-only for the PLC
-        values = self.coils() if function_code in (1, 2) else self.registers()
+        if function_code in (1, 2):  # bits live packed in 16-bit words, coil 0 = bit 0 of word 0
+            values = [sum(int(b) << i for i, b in enumerate(self.coils()))]
+        else:
+            values = self.registers()
         for i in range(len(current_registers)):
             a = start_address + i
             if 0 <= a < len(values):
