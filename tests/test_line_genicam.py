@@ -217,3 +217,33 @@ def test_rgb8_from_camera():
             cam.close()
     assert f.ok and f.image.shape == (40, 48, 3) and f.meta["pixel_format"] == "RGB8"
     assert cv2.cvtColor(f.image, cv2.COLOR_RGB2GRAY).std() > 0
+
+
+@CAMERA_TIMEOUT
+def test_hardware_trigger_arms_the_input_line_and_waits():
+    from inspector.line.genicam import GenICamSettings, GenICamSource
+
+    with fake_camera() as fake:
+        src = GenICamSource(fake.device_id, GenICamSettings(trigger="hardware", trigger_source="Line0",
+                                                            roi=(0, 0, 32, 32), timeout_s=0.3))
+        src.open()
+        try:
+            dev = src._cam.get_device()
+            assert dev.get_string_feature_value("TriggerMode") == "On"
+            assert dev.get_string_feature_value("TriggerSource") == "Line0"
+            got: list = []
+            t = threading.Thread(target=lambda: got.append(_safe_read(src)), daemon=True)
+            t.start()
+            time.sleep(1.0)  # nothing on the input line: no frame, and no error while the camera answers
+            assert got == []
+        finally:
+            src.close()
+        t.join(10)
+    assert len(got) == 1 and isinstance(got[0], SourceLost)  # closing unblocks the waiting reader
+
+
+def _safe_read(src):
+    try:
+        return src.read()
+    except Exception as exc:  # noqa: BLE001
+        return exc
