@@ -1,10 +1,11 @@
 """Line benchmark: trigger-to-verdict latency and sustained parts/s through the whole line path.
 
-    .venv/bin/python bench/line.py [--size 256] [--parts 60] [--seconds 20] [--device cpu]
+    .venv/bin/python bench/line.py [--detector graphcore] [--size 256] [--parts 60] [--seconds 20] [--device cpu]
 
 A real GigE Vision camera (Aravis' fake camera over loopback, 256 x 256 Mono8 ROI, software
-trigger) feeds the line pipeline (inspector.line.pipeline) inspecting the sample product ("brick":
-GraphCore on EfficientNet-Lite0 at ``--size`` px, 4 shots; registered once in ``--data-dir``).
+trigger) feeds the line pipeline (inspector.line.pipeline) inspecting a product of the sample
+"brick" (``--detector``, default GraphCore, on EfficientNet-Lite0 at ``--size`` px, 4 shots;
+registered once in ``--data-dir``: fitting is not what this measures).
 Latency is measured per part from the software trigger to the published verdict (camera
 exposure + GigE Vision transfer + queue + inspection + store write).
 
@@ -59,6 +60,8 @@ def main() -> int:
     ap.add_argument("--parts", type=int, default=60, help="parts in the latency phase")
     ap.add_argument("--seconds", type=float, default=20.0, help="duration of the sustained phase")
     ap.add_argument("--queue", type=int, default=4, help="pipeline queue size")
+    ap.add_argument("--detector", default="graphcore", help="detector of the benchmark product")
+    ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--data-dir", type=Path, default=Path.home() / ".cache" / "inspector" / "bench-line")
@@ -70,7 +73,8 @@ def main() -> int:
     import torch
 
     from inspector.camera import Camera
-    from inspector.commands.serve import SAMPLE_PRODUCT, prepare_sample
+    from inspector.datasets import build_sample
+    from inspector.io import list_images, read_image
     from inspector.line.fakecam import fake_camera
     from inspector.line.genicam import GenICamSettings, GenICamSource
     from inspector.line.pipeline import LinePipeline, latency_stats
@@ -80,11 +84,18 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]
     station = Station(args.data_dir, device=args.device)
+    product = f"brick-{args.detector}-{args.size}"
     t = time.perf_counter()
-    prepare_sample(station, image_size=args.size, log=lambda m: print(m, flush=True))
+    if not station.registry.exists(product):  # registered once per data dir (fitting is not what we time)
+        shots = list_images(Path(build_sample("brick")) / "train" / "good")[:args.shots]
+        print(f"registering {product} ({args.detector}, efficientnet-lite0 @ {args.size} px, {len(shots)} shots)...",
+              flush=True)
+        station.registry.register(product, [read_image(p) for p in shots], detector=args.detector,
+                                  backbone="efficientnet-lite0", image_size=args.size, actor="bench/line.py")
     print(f"product ready in {time.perf_counter() - t:.1f} s", flush=True)
 
-    result: dict = {"size": args.size, "device": args.device, "queue": args.queue, "product": SAMPLE_PRODUCT,
+    result: dict = {"size": args.size, "device": args.device, "queue": args.queue, "product": product,
+                    "detector": args.detector,
                     "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "torch": torch.__version__}
     with fake_camera() as fake:
@@ -92,7 +103,7 @@ def main() -> int:
                                    timeout_s=1.0, buffers=args.queue + 4)
         cam = Camera(GenICamSource(fake.device_id, settings), backoff=0.2, max_backoff=1.0)
         got = Verdicts()
-        pipe = LinePipeline(station, SAMPLE_PRODUCT, cam, queue_size=args.queue, listeners=[got]).start()
+        pipe = LinePipeline(station, product, cam, queue_size=args.queue, listeners=[got]).start()
         try:
             deadline = time.monotonic() + 60
             while not pipe.ready and time.monotonic() < deadline:
@@ -164,7 +175,7 @@ def render(r: dict) -> str:
     return f"""## Line benchmark (bench/line.py)
 
 Fake GigE Vision camera over loopback ({r['size']} x {r['size']} Mono8, software trigger) -> line pipeline
-(queue {r['queue']}) -> sample product `{r['product']}` (GraphCore, EfficientNet-Lite0 @ {r['size']} px) on
+(queue {r['queue']}) -> product `{r['product']}` (sample brick, {r['detector']}, EfficientNet-Lite0 @ {r['size']} px) on
 `{r['device']}` ({r['cores']} cores, {r['torch_threads']} torch threads, torch {r['torch']}); 1-minute load
 average {r['load_avg_1min'][0]:.1f} at the start, {r['load_avg_1min'][1]:.1f} at the end (the build machine is shared).
 
