@@ -13,8 +13,10 @@ file's sha256. The runner (:mod:`inspector.runtime`) rebuilds the very same
 
 What is exported:
 
-* ``graphcore`` / ``patchcore``: backbone + graph stage (if any) + memory-bank nearest-neighbour
-  distance (bank stored as a constant, distances by matmul, min over the bank in chunks) +
+* ``graphcore`` / ``patchcore`` / ``patchcore-aug``: the detector's own
+  :class:`~inspector.detectors.graphcore.GraphCoreScorer` (what its ``score`` runs): backbone,
+  memory-bank distance (bank as a constant, min over the bank in chunks), the trained graph head
+  (torch_geometric EdgeConv/SAGEConv with mean aggregation -> ScatterElements), the global branch,
   patch->pixel upsampling, Gaussian blur (as convolutions) and image score.
 * ``anomalyclip``: backbone + prompt-text similarity, with the two text embeddings folded in as
   constants (the text encoder is not part of the graph).
@@ -137,24 +139,6 @@ class BackboneGraph(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         feats = self.backbone._features(images)
         return tuple(feats[k].float() for k in self.layers)
-
-
-def nn_distance(queries: Tensor, bank: Tensor, chunk: int = 8192, bank_sqnorm: Tensor | None = None) -> Tensor:
-    """Euclidean distance from each row of ``queries [N,C]`` to its nearest row of ``bank [M,C]``.
-
-    ``|q|^2 - 2 q.m + |m|^2`` by matmul, min over the bank taken chunk by chunk (the chunk loop is
-    unrolled in an exported graph, so peak memory is ``N x chunk``), clamped at 0 before the sqrt.
-    Same formula as :func:`torch.cdist`'s matmul path, so torch and ONNX agree to float rounding.
-    """
-    q2 = (queries * queries).sum(-1, keepdim=True)
-    m2 = (bank * bank).sum(-1) if bank_sqnorm is None else bank_sqnorm
-    best = None
-    for start in range(0, bank.shape[0], chunk):
-        part = bank[start:start + chunk]
-        d2 = q2 - 2.0 * (queries @ part.T) + m2[start:start + chunk][None]
-        cur = d2.min(dim=1).values
-        best = cur if best is None else torch.minimum(best, cur)
-    return best.clamp_min(0.0).sqrt()
 
 
 # Detector name -> builder(detector) -> nn.Module(images) -> (maps, scores). Detectors that define
@@ -501,106 +485,9 @@ def read_sidecar(onnx_path: str | os.PathLike) -> dict[str, Any]:
 
 # -- adapters for detectors without export_module() ----------------------------------------------
 #
-# These wrap a fitted detector's own state (memory bank, config, relative weight) and its own
-# functions where those trace as they are (patch_to_pixel, top_mean). Where the torch code loops
-# over batch chunks (``Tensor.split``) or uses ops without an ONNX symbolic (torch_geometric
-# scatter-max), the same arithmetic is written in trace-friendly form (D4 uses GraphCore's own
-# d4_apply/d4_invert, which are traceable), gather + max for max-relative aggregation, the same ``|q|^2 - 2 q.m + |m|^2`` distances. The parity
-# check at export time and tests/test_export.py hold the two paths together.
-
-
-class GraphCoreGraph(nn.Module):
-    """GraphCore / PatchCoreKNN scoring as one per-image graph (memory bank as a constant)."""
-
-    #: GraphCoreConfig fields this graph implements (scoring) or that only matter when fitting.
-    SCORING_FIELDS = frozenset({"layers", "normalize", "graph", "neighbors", "relative_weight", "symmetrize",
-                                "sigma", "reduce", "top_fraction"})
-    FIT_FIELDS = frozenset({"views", "d4_views", "shift", "jitter", "angle", "memory_cap", "coreset_dim", "seed",
-                            "batch"})
-
-    def __init__(self, detector):
-        super().__init__()
-        import dataclasses
-
-        from .detectors.graphcore import d4_apply, d4_invert, symmetry_group
-
-        unknown = {f.name for f in dataclasses.fields(detector.config)} - self.SCORING_FIELDS - self.FIT_FIELDS
-        if unknown:
-            # A scoring option added to GraphCore after this graph was written: refuse rather than
-            # export something that silently scores differently.
-            raise NotExportableError(
-                f"{detector.name}: the ONNX graph does not implement option(s) {sorted(unknown)}; "
-                "update inspector.export.GraphCoreGraph (the parity tests will tell when it matches)"
-            )
-        if detector.memory is None:
-            raise NotExportableError(f"detector {detector.name!r} is not fitted; nothing to export")
-        self.backbone = detector.backbone
-        self.cfg = copy.deepcopy(detector.config)
-        self.layers = tuple(detector.feature_layers)  # the detector's own layer choice
-        self.map_pixels = int(detector.backbone.preprocess.size) ** 2  # the graph's fixed input side
-        self.relative_weight = float(detector.conv.relative_weight)
-        self.symmetry_group = symmetry_group
-        self.d4_apply, self.d4_invert = d4_apply, d4_invert
-        memory = detector.memory.detach().float()
-        self.register_buffer("memory", memory, persistent=False)
-        self.register_buffer("memory_sqnorm", (memory * memory).sum(1), persistent=False)
-
-    def features(self, images: Tensor) -> Tensor:
-        """``GraphCore.patch_features`` on the whole batch: D4-averaged, normalised layers."""
-        group = self.symmetry_group(*images.shape[-2:]) if self.cfg.symmetrize else (0,)
-        batch = torch.cat([self.d4_apply(images, g) for g in group]) if len(group) > 1 else images
-        feats = self.backbone._features(batch)
-        parts = [feats[layer].float() for layer in self.layers]
-        if self.cfg.normalize:
-            parts = [nn.functional.normalize(p, dim=-1) for p in parts]
-        f = torch.cat(parts, dim=-1)
-        if len(group) > 1:
-            views = f.reshape(len(group), -1, *f.shape[1:])  # [G,B,h,w,C], batch axis stays dynamic
-            f = torch.stack([self.d4_invert(views[i], g, dims=(1, 2)) for i, g in enumerate(group)]).mean(0)
-        return f
-
-    def graph_features(self, feats: Tensor) -> Tensor:
-        """``knn_edge_index`` + ``MaxRelativeConv`` per image: cosine kNN (self included), then
-        ``[x_i || w * max_j (x_j - x_i)]`` by gather instead of scatter-max (max is exact)."""
-        b, h, w, c = feats.shape
-        n = h * w
-        nodes = feats.reshape(-1, n, c)
-        k = min(self.cfg.neighbors, n)
-        xn = nn.functional.normalize(nodes, dim=-1)
-        sim = xn @ xn.transpose(1, 2)
-        idx = torch.arange(n, device=feats.device)
-        eye = idx[:, None] == idx[None, :]  # not torch.eye: onnxruntime has no bool EyeLike kernel
-        sim = sim.masked_fill(eye, float("inf"))
-        nbr = sim.topk(k, dim=-1).indices  # [B,N,k]
-        # Flat gather with per-image offsets (no [B,N,N,C] expansion): row b*N + j of the batch.
-        offset = (torch.arange(nodes.shape[0], device=feats.device) * n).view(-1, 1, 1)
-        neighbours = nodes.reshape(-1, c).index_select(0, (nbr + offset).reshape(-1)).reshape(-1, n, k, c)
-        rel = (neighbours - nodes.unsqueeze(2)).amax(2)
-        out = torch.cat([nodes, self.relative_weight * rel], dim=-1)
-        return out.reshape(-1, h, w, 2 * c)
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        from .detectors.base import patch_to_pixel
-
-        feats = self.features(images)
-        if self.cfg.graph:
-            feats = self.graph_features(feats)
-        b, h, w, d = feats.shape
-        dist = nn_distance(feats.reshape(-1, d), self.memory, bank_sqnorm=self.memory_sqnorm)
-        maps = patch_to_pixel(dist.reshape(-1, h, w), tuple(images.shape[-2:]), self.cfg.sigma)
-        if self.cfg.reduce == "max":
-            scores = maps.flatten(1).amax(1)
-        else:
-            # detectors.base.top_mean with k from the fixed map size (a traced shape is a tensor)
-            n = int(images.shape[-2]) * int(images.shape[-1]) if not torch.jit.is_tracing() else self.map_pixels
-            k = max(1, int(round(n * self.cfg.top_fraction)))
-            scores = maps.flatten(1).topk(k, dim=1).values.mean(1)
-        return maps, scores
-
-
-@register_adapter("graphcore", "patchcore")
-def _graphcore_adapter(detector) -> nn.Module:
-    return GraphCoreGraph(detector)
+# These wrap a fitted detector's own state and its own functions where those trace as they are.
+# GraphCore / PatchCore need none: they provide ``export_module()`` (the very module their
+# ``score`` runs). The parity check at export time and tests/test_export.py hold the paths together.
 
 
 class AnomalyCLIPGraph(nn.Module):
@@ -650,7 +537,6 @@ __all__ = [
     "export_backbone",
     "export_detector",
     "export_product",
-    "nn_distance",
     "probe_images",
     "read_sidecar",
     "register_adapter",

@@ -1,8 +1,8 @@
-"""GraphCore (few-shot, graph features + memory bank) and its in-run PatchCore baseline.
+"""GraphCore (few-shot: memory bank + learned graph head + global branch) and its baselines.
 
 Real data: scikit-image's brick texture, 128 px crops, the real EfficientNet-Lite0 weights;
 synthetic defects from ``inspector.synth.fallback.make_defect``. Run with ``-s`` to see the
-numbers (invariance tolerance reached, AUROC of GraphCore and PatchCore).
+numbers (invariance reached, orientation contrast, AUROC of GraphCore and augmented PatchCore).
 """
 
 from __future__ import annotations
@@ -15,14 +15,18 @@ from sklearn.metrics import roc_auc_score
 from inspector.detectors.base import detector_class
 from inspector.detectors.graphcore import (
     D4,
+    AugmentedPatchCore,
     GraphCore,
-    MaxRelativeConv,
+    GraphHead,
     PatchCoreKNN,
     d4_apply,
     d4_invert,
     greedy_coreset,
+    grid_neighbors,
     knn_edge_index,
     nearest_distance,
+    neighbors_to_edge_index,
+    nn_distance,
     symmetry_group,
 )
 
@@ -43,7 +47,7 @@ def test_knn_edge_index_matches_brute_force(loop):
     gen = torch.Generator().manual_seed(0)
     b, n, c, k = 3, 17, 6, 4
     x = torch.randn(b, n, c, generator=gen)
-    edge_index = knn_edge_index(x, k, loop=loop, chunk=2)
+    edge_index = knn_edge_index(x, k, loop=loop)
     assert edge_index.shape == (2, b * n * k)
     got: dict[int, set[int]] = {}
     for src, dst in edge_index.T.tolist():
@@ -61,22 +65,34 @@ def test_knn_edge_index_matches_brute_force(loop):
             assert got[g * n + i] == want, (g, i)
 
 
-def test_max_relative_conv_matches_loop():
-    gen = torch.Generator().manual_seed(1)
-    n, c = 7, 5
-    x = torch.randn(n, c, generator=gen)
-    edges = [(1, 0), (2, 0), (3, 0), (0, 1), (4, 1), (1, 2), (5, 3), (6, 3), (3, 3), (2, 5), (0, 6), (1, 6)]
-    edge_index = torch.tensor(edges).T  # (source j, target i); node 4 has no incoming edge
-    conv = MaxRelativeConv(relative_weight=0.7)
-    out = conv(x, edge_index)
-    assert out.shape == (n, 2 * c)
-    for i in range(n):
-        sources = [j for j, t in edges if t == i]
-        rel = torch.zeros(c)
-        if sources:
-            rel = torch.stack([x[j] - x[i] for j in sources]).max(0).values
-        assert torch.allclose(out[i, :c], x[i], atol=1e-5)
-        assert torch.allclose(out[i, c:], 0.7 * rel, atol=1e-5), i
+def test_grid_neighbors_brute_force():
+    h, w = 3, 4
+    nb = grid_neighbors(h, w)
+    for r in range(h):
+        for c in range(w):
+            want = [(max(r - 1, 0), c), (min(r + 1, h - 1), c), (r, max(c - 1, 0)), (r, min(c + 1, w - 1))]
+            assert nb[r * w + c].tolist() == [rr * w + cc for rr, cc in want]
+
+
+def test_graph_head_matches_loop():
+    """EdgeConv (mean of MLP([h_i, h_j - h_i]) over feature neighbours) then SAGE (lin_l(mean of grid
+    neighbours) + lin_r(h_i)), both residual, against a per-node loop."""
+    torch.manual_seed(0)
+    n, c = 6, 5
+    head = GraphHead(c, hidden=4).eval()
+    x, rel = torch.randn(n, c), torch.rand(n)
+    knn = torch.tensor([[1, 2], [0, 3], [4, 5], [2, 1], [0, 5], [3, 4]])[None]  # [1,N,k]
+    grid = torch.tensor([[1, 0], [0, 2], [1, 3], [2, 4], [3, 5], [4, 5]])[None]
+    got = head(x, rel, neighbors_to_edge_index(knn), neighbors_to_edge_index(grid))
+    with torch.no_grad():
+        h = torch.relu(head.inp(torch.cat([x, rel[:, None]], 1)))
+        mlp = head.feat_conv.nn
+        h1 = torch.stack([h[i] + torch.stack([mlp(torch.cat([h[i], h[j] - h[i]])) for j in knn[0, i]]).mean(0)
+                          for i in range(n)])
+        sage = head.grid_conv
+        h2 = torch.stack([h1[i] + torch.relu(sage.lin_l(h1[grid[0, i]].mean(0)) + sage.lin_r(h1[i])) for i in range(n)])
+        want = head.out(h2)[:, 0]
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_d4_helpers():
@@ -104,80 +120,122 @@ def test_greedy_coreset_and_nearest_distance():
     q = torch.randn(9, 16, generator=gen)
     want = torch.cdist(q.double(), feats.double()).min(1).values.float()
     assert torch.allclose(nearest_distance(q, feats, chunk=4), want, atol=1e-3)
+    assert torch.allclose(nn_distance(q, feats, chunk=7), want, atol=1e-3)  # chunked over the bank
 
 
 # ---------------------------------------------------------------------------------------------
 # The detector on real images
 # ---------------------------------------------------------------------------------------------
+#: a short but real head training (the defaults train longer; see bench/graphcore_ablation.py)
+QUICK = {"train_steps": 30, "train_defects": 8, "train_normals": 2}
+
+
 @pytest.fixture(scope="module")
 def shots(lite0, brick):
     return lite0.preprocess(crops(brick, np.random.default_rng(10), 4))
 
 
 @pytest.fixture(scope="module")
-def graphcore_1shot(lite0, shots):
-    return GraphCore(lite0).fit(shots[:1])
+def fitted(lite0, shots):
+    """GraphCore per orientation on 2 brick shots (head + global branch on)."""
+    return {o: GraphCore(lite0, orientation=o, **QUICK).fit(shots[:2]) for o in ("free", "fixed")}
 
 
 def test_protocol_and_registry(lite0):
     assert detector_class("graphcore") is GraphCore
     assert detector_class("patchcore") is PatchCoreKNN
-    for cls in (GraphCore, PatchCoreKNN):
+    assert detector_class("patchcore-aug") is AugmentedPatchCore
+    for cls in (GraphCore, PatchCoreKNN, AugmentedPatchCore):
         assert cls.batchwise is False and cls.needs_fit is True
     base = PatchCoreKNN(lite0)
-    assert issubclass(PatchCoreKNN, GraphCore)  # one code path, graph stage switched off
-    assert (base.config.graph, base.config.symmetrize, base.config.views) == (False, False, 1)
+    assert (base.config.head, base.config.global_branch, base.config.views) == (False, False, 1)
+    assert GraphCore(lite0).feature_layers == ("blocks.4", "blocks.10")  # stride 8 + 16 (module docstring)
     with pytest.raises(RuntimeError, match="fit"):
         GraphCore(lite0).score(torch.zeros(1, 3, SIZE, SIZE))
     with pytest.raises(ValueError):
         GraphCore(lite0).fit(torch.zeros(3, SIZE, SIZE))
+    with pytest.raises(ValueError, match="orientation"):
+        GraphCore(lite0, orientation="upright")
 
 
 def test_memory_bank_is_bounded(lite0, shots):
-    one = GraphCore(lite0, memory_cap=300, symmetrize=False).fit(shots[:1])
-    four = GraphCore(lite0, memory_cap=300, symmetrize=False).fit(shots)
+    one = AugmentedPatchCore(lite0, memory_cap=300).fit(shots[:1])
+    four = AugmentedPatchCore(lite0, memory_cap=300).fit(shots)
     grid = lite0.patch_grid(SIZE, SIZE)
-    assert four.fit_info["patches"] == 4 * one.fit_info["patches"] == 4 * 4 * grid[0] * grid[1]
+    assert four.fit_info["patches"] == 4 * one.fit_info["patches"] == 4 * 8 * grid[0] * grid[1]
     assert one.memory.shape[0] == four.memory.shape[0] == 300
-    assert one.memory.shape[1] == 2 * sum(lite0.dims[name] for name in one.feature_layers)
+    assert one.memory.shape[1] == sum(lite0.dims[name] for name in one.feature_layers)
 
 
-def test_isometric_invariance(lite0, brick, graphcore_1shot):
-    """Scores of an image and its 90/180/270 rotations and flips agree; maps match once the
-    transform is undone. With D4-averaged features the agreement is exact up to float rounding."""
+def test_fit_trains_the_head_with_the_given_generator_and_reports_progress(lite0, shots):
+    from inspector.synth.fallback import make_defect
+
+    calls, stages = [], []
+
+    def scars_only(img, rng):
+        calls.append(img.shape)
+        return make_defect(img, rng, kind="scar")
+
+    det = GraphCore(lite0, **QUICK).fit(shots[:1], generator=scars_only,
+                                        progress=lambda s, d, t: stages.append((s, d, t)))
+    assert len(calls) == QUICK["train_defects"] and calls[0] == (SIZE, SIZE, 3)
+    assert {s for s, _, _ in stages} == {"bank", "defects", "train"}
+    assert stages[-1] == ("train", QUICK["train_steps"], QUICK["train_steps"])
+    info = det.fit_info["head"]
+    assert info["loss_last"] < info["loss_first"], info  # the head learned something
+    tensors, _ = det.state()
+    assert any(k.startswith("head.") for k in tensors) and "descriptors" in tensors
+    untrained = GraphHead(det.memory.shape[1], det.config.hidden)
+    assert not torch.equal(untrained.out.weight, det.scorer.head.out.weight)
+
+
+def test_orientation_free_vs_fixed(lite0, brick, fitted):
+    """Brick parts turned by 90 degrees: under ``fixed`` they score far above the upright normal
+    parts (NG), under ``free`` like them (the bank holds rotated views). A part with one 48 px
+    square turned by 90 degrees: the turned square stands out more under ``fixed`` than under
+    ``free`` (the seams around it are anomalous under both)."""
+    rng = np.random.default_rng(50)
+    normals = crops(brick, rng, 6)
+    turned = normals[0].copy()
+    turned[40:88, 40:88] = np.rot90(turned[40:88, 40:88]).copy()
+    upright = lite0.preprocess(normals[1:])
+    rotated = torch.rot90(upright, 1, (2, 3))
+    ratio, patch = {}, {}
+    for o, det in fitted.items():
+        ref = det.score(upright).scores.max()
+        ratio[o] = float(det.score(rotated).scores.min() / ref)
+        patch[o] = float(det.score(lite0.preprocess([turned])).scores[0] / ref)
+    print(f"\n[orientation] rotated parts: min score / max upright normal score {ratio}; "
+          f"one turned square: {patch}")
+    assert ratio["fixed"] > 1.15, ratio  # NG: every rotated part clearly above every normal one
+    assert ratio["free"] < 1.05, ratio  # OK-ish: within 5 % of the normal parts
+    assert patch["fixed"] > 1.1 and patch["fixed"] > patch["free"], patch
+
+
+#: Stated tolerance of orientation="free": image scores of any D4 transform of an image within
+#: this relative change (bank of D4 views, one backbone pass: approximate, not exact).
+FREE_TOLERANCE = 0.15
+
+
+def test_invariance_under_free(lite0, brick, fitted):
     from inspector.synth.fallback import make_defect
 
     rng = np.random.default_rng(20)
     normal, base = crops(brick, rng, 2)
     defect, _ = make_defect(base, rng, area=(0.02, 0.06), min_mean_change=25)
     x = lite0.preprocess([normal, defect])
-    ref = graphcore_1shot.score(x)
-    worst_score, worst_map = 0.0, 0.0
-    for g in D4[1:]:
-        res = graphcore_1shot.score(d4_apply(x, g))
-        worst_score = max(worst_score, float(((res.scores - ref.scores).abs() / ref.scores).max()))
-        back = d4_invert(res.maps, g)
-        worst_map = max(worst_map, float((back - ref.maps).abs().max() / ref.maps.max()))
-    print(f"\n[graphcore invariance, D4-averaged] max relative image-score change {worst_score:.2e}, "
-          f"max map difference {worst_map:.2e} of the map maximum")
-    assert worst_score < 0.02
-    assert worst_map < 1e-3
+    worst = {}
+    for o, det in fitted.items():
+        ref = det.score(x).scores
+        worst[o] = max(float(((det.score(d4_apply(x, g)).scores - ref).abs() / ref).max()) for g in D4[1:])
+    print(f"\n[invariance] max relative image-score change over D4: {worst} (tolerance {FREE_TOLERANCE})")
+    assert worst["free"] < FREE_TOLERANCE, worst
+    assert worst["fixed"] > worst["free"], worst  # fixed does see orientation
 
 
-def test_invariance_of_augmented_bank_without_symmetrization(lite0, brick, shots):
-    """The cheaper mode (one backbone pass, D4 views in the memory bank) is only approximately
-    invariant; this records how close it gets (the bound is loose on purpose)."""
-    det = GraphCore(lite0, symmetrize=False, views=8).fit(shots[:1])
-    x = lite0.preprocess(crops(brick, np.random.default_rng(21), 2))
-    ref = det.score(x).scores
-    rel = max(float(((det.score(d4_apply(x, g)).scores - ref).abs() / ref).max()) for g in D4[1:])
-    print(f"\n[graphcore invariance, augmented bank only] max relative image-score change {rel:.3f}")
-    assert rel < 0.25
-
-
-def test_save_load_round_trip(tmp_path, lite0, brick, graphcore_1shot, shots):
+def test_save_load_round_trip(tmp_path, lite0, brick, fitted, shots):
     x = lite0.preprocess(crops(brick, np.random.default_rng(30), 3))
-    for det in (graphcore_1shot, PatchCoreKNN(lite0).fit(shots[:2])):
+    for det in (fitted["free"], PatchCoreKNN(lite0).fit(shots[:2])):
         stem = det.save(tmp_path / det.name)
         assert stem.with_suffix(".safetensors").is_file() and stem.with_suffix(".json").is_file()
         loaded = type(det).load(tmp_path / det.name, lite0)
@@ -186,84 +244,38 @@ def test_save_load_round_trip(tmp_path, lite0, brick, graphcore_1shot, shots):
         assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
     with pytest.raises(ValueError, match="detector"):
         GraphCore.load(tmp_path / "patchcore", lite0)
-    tensors, config = graphcore_1shot.state()
+    tensors, config = fitted["free"].state()
     with pytest.raises(ValueError, match="backbone"):
         GraphCore.from_state(lite0, tensors, {**config, "backbone": "clip/ViT-B-16"})
+    with pytest.raises(ValueError, match="format"):
+        GraphCore.from_state(lite0, tensors, {**config, "format": 1})
 
 
 @pytest.mark.slow
-def test_few_shot_accuracy_on_brick_with_synthetic_defects(lite0, brick, shots, artifacts_dir):
-    """k = 1, 2, 4 shots: image AUROC >= 0.9, and GraphCore above PatchCore at k=1.
-
-    Test parts appear in arbitrary orientation (a random D4 transform per test image), the
-    realistic case GraphCore is built for. Defects: ``make_defect`` (Perlin blends, CutPaste,
-    scars) of 2-10 % area with a mean change >= 25 grey levels, i.e. visible at 128 px.
-    """
+def test_graphcore_beats_augmented_patchcore_on_unseen_defect_kind(lite0, brick, shots, artifacts_dir):
+    """The head trains on Perlin blends and CutPaste only; the test defects are scars, a kind it
+    never saw. GraphCore (head + bank + global) must still beat PatchCore on the same augmented
+    bank (the strongest fair baseline: same views, same features, no graph head)."""
     from inspector.synth.fallback import make_defect
+
+    def seen_kinds(img, rng):
+        return make_defect(img, rng, kind=("perlin", "cutpaste")[int(rng.integers(2))])
 
     rng = np.random.default_rng(40)
     n = 16
     tests = crops(brick, rng, 2 * n)
-    bad, masks = zip(*[make_defect(t, rng, area=(0.02, 0.1), min_mean_change=25) for t in tests[n:]])
-    images = list(tests[:n]) + list(bad)
+    bad = [make_defect(t, rng, kind="scar", area=(0.01, 0.04))[0] for t in tests[n:]]
     labels = np.array([0] * n + [1] * n)
-    upright = lite0.preprocess(images)
-    turns = rng.integers(0, 8, len(images))
-    rotated = torch.stack([d4_apply(x, int(g)) for x, g in zip(upright, turns)])
-
+    x = lite0.preprocess(list(tests[:n]) + bad)
     auroc = {}
-    results = {}
-    gc = GraphCore(lite0)
-    # node features do not depend on the memory bank: embed the test set once for every fit
-    raw = gc.patch_features(rotated)
-    feats = gc.graph_features(raw)
-    for k in (1, 2, 4):
-        results[("graphcore", k)] = gc.fit(shots[:k]).score_embeddings(feats, (SIZE, SIZE))
-        auroc[("graphcore", k)] = roc_auc_score(labels, results[("graphcore", k)].scores.numpy())
-    pc = PatchCoreKNN(lite0).fit(shots[:1])
-    results[("patchcore", 1)] = pc.score(rotated)
-    auroc[("patchcore", 1)] = roc_auc_score(labels, results[("patchcore", 1)].scores.numpy())
-    auroc[("patchcore, upright test images", 1)] = roc_auc_score(labels, pc.score(upright).scores.numpy())
-    ablation = GraphCore(lite0, graph=False).fit(shots[:1])
-    auroc[("graphcore without graph stage", 1)] = roc_auc_score(
-        labels, ablation.score_embeddings(raw, (SIZE, SIZE)).scores.numpy())
-
-    print("\n[few-shot image AUROC, brick 128 px, test parts in random D4 orientation]")
-    for (name, k), value in auroc.items():
-        print(f"  {name:34s} k={k}: {value:.3f}")
-    _save_maps(artifacts_dir / "graphcore_maps.png", rotated, labels, masks, turns, results, lite0)
-
-    for k in (1, 2, 4):
-        assert auroc[("graphcore", k)] >= 0.9, (k, auroc)
-    assert auroc[("graphcore", 1)] > auroc[("patchcore", 1)], auroc
-
-
-def _save_maps(path, images, labels, masks, turns, results, backbone):
-    """Columns: 3 good then 6 defective test images (defect outline in red). Rows: image,
-    GraphCore k=1 map, PatchCore k=1 map; each map row on its own detector's colour scale, with
-    the image score written in the corner."""
-    import cv2
-
-    mean = np.asarray(backbone.preprocess.mean, np.float32)
-    std = np.asarray(backbone.preprocess.std, np.float32)
-    n = len(labels) // 2
-    pick = list(range(n - 3, n)) + list(range(n, n + 6))
-    rows = [[], [], []]
-    for i in pick:
-        rgb = np.clip((images[i].permute(1, 2, 0).numpy() * std + mean) * 255, 0, 255).astype(np.uint8)
-        bgr = np.ascontiguousarray(rgb[..., ::-1])
-        if labels[i]:
-            mask = d4_apply(torch.from_numpy(masks[i - n]), int(turns[i])).numpy().astype(np.uint8)
-            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-            cv2.drawContours(bgr, contours, -1, (0, 0, 255), 1)
-        rows[0].append(bgr)
-    for row, key in zip(rows[1:], (("graphcore", 1), ("patchcore", 1))):
-        res = results[key]
-        lo, hi = float(res.maps[pick].min()), float(res.maps[pick].max())
-        for i in pick:
-            m = ((res.maps[i].numpy() - lo) / (hi - lo + 1e-12) * 255).astype(np.uint8)
-            tile = cv2.applyColorMap(m, cv2.COLORMAP_JET)
-            cv2.putText(tile, f"{key[0]} {float(res.scores[i]):.2f}", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
-                        (255, 255, 255), 1)
-            row.append(tile)
-    cv2.imwrite(str(path), np.concatenate([np.concatenate(r, 1) for r in rows], 0))
+    for k in (1, 2):
+        gc = GraphCore(lite0).fit(shots[:k], generator=seen_kinds)
+        feats = gc.embed(x)
+        auroc[("graphcore", k)] = roc_auc_score(labels, gc.score_embeddings(feats, (SIZE, SIZE)).scores.numpy())
+        aug = AugmentedPatchCore(lite0).fit(shots[:k])
+        auroc[("patchcore-aug", k)] = roc_auc_score(labels, aug.score_embeddings(feats, (SIZE, SIZE)).scores.numpy())
+    print("\n[unseen defect kind: scars; head trained on perlin + cutpaste; brick 128 px]")
+    for (name, k), v in auroc.items():
+        print(f"  {name:14s} k={k}: {v:.3f}")
+    for k in (1, 2):
+        assert auroc[("graphcore", k)] > auroc[("patchcore-aug", k)], auroc

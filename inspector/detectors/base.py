@@ -130,6 +130,7 @@ DETECTORS: dict[str, str] = {
     "musc": "inspector.detectors.musc:MuSc",
     "graphcore": "inspector.detectors.graphcore:GraphCore",
     "patchcore": "inspector.detectors.graphcore:PatchCoreKNN",
+    "patchcore-aug": "inspector.detectors.graphcore:AugmentedPatchCore",
     "anomalyclip": "inspector.detectors.anomalyclip:AnomalyCLIP",
 }
 
