@@ -35,7 +35,10 @@ import numpy as np
 
 from inspector.camera import CameraPool, FolderSource, make_source
 from inspector.config import CAMERA_REFUSED, SourceNotAllowed, StationConfig
+from inspector.heatmap import MAX_SIDE
+from inspector.heatmap import overlay as heat_overlay
 from inspector.io import ImageError, is_image_file, read_image
+from inspector.store import REASON_CODES, DecisionConflict
 
 from . import views
 
@@ -57,21 +60,103 @@ def _error(message: str) -> gr.Error:
 
 def _user(request: gr.Request | None) -> str | None:
     """The signed-in user (with login configured); None otherwise (the library then records its
-    default actor for registry changes and no operator for decisions)."""
+    default actor for registry changes; decisions need a name entered at the station)."""
     name = getattr(request, "username", None) if request is not None else None
     return name or None
+
+
+def _operator(name: str | None, request: gr.Request | None) -> str:
+    """Who decides: the signed-in user, else the name entered at the station; never blank."""
+    who = _user(request) or (name or "").strip()
+    if not who:
+        raise _error("Enter your name in the Operator box (top of the page) before deciding.")
+    if len(who) > 128:
+        raise _error("Operator name: at most 128 characters.")
+    return who
+
+
+def _upload_label(path: str) -> str:
+    """``upload:<original name>#<sha256 prefix>``: two different files named 000.png stay distinct
+    in History, and no server path appears."""
+    from inspector.service import _sha256_of
+
+    sha = _sha256_of(path) or uuid.uuid4().hex
+    return f"upload:{Path(path).name}#{sha[:8]}"
+
+
+class LiveRun:
+    """One Start..Stop of the Live tab in one browser session. ``lock`` is held for a whole tick,
+    so Stop (which clears ``active`` and then takes the lock) waits for the frame in flight and no
+    tick can report LIVE after Stop."""
+
+    def __init__(self, cam):
+        self.cam = cam  # the pooled camera (source already checked against the configuration)
+        self.active = True
+        self.lock = threading.Lock()
+        self.last_frame: np.ndarray | None = None
+        self.last: dict = {}  # verdict_html kwargs of the last result, for the greyed "not current" view
+
+
+class StartupStatus:
+    """What the station is doing before it is ready (first start: registering the sample product),
+    shown as a banner with progress; thread-safe (set from the worker thread, read by the page)."""
+
+    def __init__(self, message: str = ""):
+        self._lock = threading.Lock()
+        self.message, self.fraction, self.state = message, 0.0, "running" if message else "done"
+        self.t0 = time.monotonic()
+
+    def update(self, message: str, fraction: float | None = None, state: str = "running") -> None:
+        with self._lock:
+            self.message, self.state = message, state
+            if fraction is not None:
+                self.fraction = float(fraction)
+
+    def snapshot(self) -> tuple[str, float, str, float]:
+        with self._lock:
+            return self.message, self.fraction, self.state, time.monotonic() - self.t0
+
+
+class StageProgress:
+    """Turns ``progress(stage, done, total)`` from ProductRegistry.register into an overall fraction,
+    a description and an ETA (time elapsed over the fraction done)."""
+
+    # share of the whole registration each stage takes (measured on the sample product)
+    SPANS = {"held-out scoring": (0.02, 0.80), "fit": (0.80, 0.95), "save": (0.95, 1.0)}
+
+    def __init__(self, sink):
+        self.sink = sink  # sink(fraction, description)
+        self.t0 = time.perf_counter()
+        self.defects = ""
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == "generated defects":
+            self.defects = f" · {done}/{total} generated defects"
+            return
+        a, b = self.SPANS.get(stage, (0.0, 0.0))
+        frac = a + (b - a) * (done / total if total else 1.0)
+        elapsed = time.perf_counter() - self.t0
+        eta = f" · about {elapsed * (1 - frac) / frac:.0f} s left" if frac > 0.05 else ""
+        what = {"held-out scoring": f"held-out scoring fold {done}/{total}" + self.defects,
+                "fit": "fitting the detector on all shots" if done < total else "fitted",
+                "save": "saving" if done < total else "saved"}.get(stage, f"{stage} {done}/{total}")
+        self.sink(frac, f"{what} · {elapsed:.0f} s{eta}")
 
 
 class StationApp:
     """Holds the station, its config, the camera pool and the model lock; builds the Blocks."""
 
-    def __init__(self, station, config: StationConfig | None = None, pool: CameraPool | None = None):
+    def __init__(self, station, config: StationConfig | None = None, pool: CameraPool | None = None,
+                 startup: StartupStatus | None = None):
         self.station = station
         self.config = config or StationConfig()
         self.pool = pool or CameraPool()
         self.model_lock = getattr(station, "lock", None) or threading.RLock()
         self._downloads = Path(tempfile.mkdtemp(prefix="inspector-station-"))
         self.demo: gr.Blocks | None = None
+        self._runs: dict[str, LiveRun] = {}
+        self._runs_lock = threading.Lock()
+        self.startup = startup or StartupStatus()
 
     # ---- library access ----------------------------------------------------------------------
     @property
@@ -112,53 +197,184 @@ class StationApp:
 
     # ---- Inspect tab -------------------------------------------------------------------------
     def _record_outputs(self, product: str, rec) -> tuple:
+        """(overlay, badge, details, id, accept, reject, decision note, trail, view state, colour bar)."""
         p = self.registry.get(product)
         t = getattr(rec, "thresholds", None) or p.thresholds  # the ones this inspection was decided with
         verdict = None if getattr(rec, "error", None) else rec.verdict
+        err = f"Not a usable image: {rec.error}" if rec.error else None
         badge = views.verdict_html(verdict, score=rec.score, thresholds=t, latency_ms=rec.latency_ms,
-                                   inspection_id=rec.id, error=rec.error, product=product)
-        details = {"id": rec.id, "product": product, "score": None if rec.score is None else float(rec.score),
+                                   inspection_id=rec.id, error=err, product=product)
+        details = {"id": rec.id, "product": product, "source": rec.source,
+                   "score": None if rec.score is None else float(rec.score),
                    "verdict": str(verdict) if verdict is not None else "ERROR", "latency_ms": rec.latency_ms,
                    "thresholds": {"ok_below": t.ok_below, "ng_above": t.ng_above},
                    "model_version": getattr(rec, "model_version", None) or p.version, "error": rec.error}
         overlay = getattr(rec, "overlay", None)
         can_decide = rec.id is not None and not rec.error
+        view = None
+        if getattr(rec, "image", None) is not None and getattr(rec, "map", None) is not None:
+            view = {"image": rec.image, "map": rec.map, "ok": t.ok_below, "ng": t.ng_above, "low": p.map_low}
+        trail = views.decisions_html(self.store.decisions(rec.id)) if rec.id is not None else ""
         return (overlay, badge, details, rec.id, gr.update(interactive=can_decide),
-                gr.update(interactive=can_decide), "")
+                gr.update(interactive=can_decide), "", trail, view,
+                views.colorbar_html(t, p.map_low) if view else "", gr.update(visible=False), None)
 
-    def on_inspect(self, product: str, image_path: str | None, request: gr.Request):
+    def on_inspect(self, product: str, file_path: str | None, operator: str | None = None,
+                   request: gr.Request = None):
+        """Inspect an uploaded file. The app reads the upload itself (``inspector.io``), so a bad
+        file is an ERROR record with "Not a usable image: <reason>", never a framework error."""
         self._product(product)
-        if not image_path:
+        if not file_path:
             raise _error("Upload an image to inspect.")
-        try:
-            rec = self.inspect(product, image_path, source=f"upload:{Path(image_path).name}", operator=_user(request))
-        except ImageError as exc:
-            raise _error(f"Not a usable image: {exc.reason}") from exc
-        return (gr.skip(), *self._record_outputs(product, rec))
+        who = _user(request) or (operator or "").strip() or None
+        rec = self.inspect(product, file_path, source=_upload_label(file_path), operator=who)
+        return self._record_outputs(product, rec)
 
-    def on_camera_frame(self, product: str, source: str, request: gr.Request):
+    def on_upload(self, file_path: str | None):
+        """A new file replaces the last result at once: its verdict is not this file's."""
+        note = views.verdict_html(placeholder="Not inspected yet: press Inspect")
+        off = gr.update(interactive=False)
+        if not file_path:
+            return None, views.verdict_html(), off, off, "", "", None, "", None
+        try:
+            img = read_image(file_path)
+        except ImageError as exc:
+            note = views.verdict_html(placeholder=f"Not a usable image: {exc.reason}")
+            img = None
+        return img, note, off, off, "", "", None, "", None
+
+    def on_camera_frame(self, product: str, source: str, operator: str | None = None,
+                        request: gr.Request = None):
         self._product(product)
         cam = self._camera(source)
         frame = cam.next_frame()
         if not frame.ok:
+            if frame.state == "failed":
+                cam.close()  # reported once; the next press tries again
             raise _error(f"Camera: {frame.error}")
+        who = _user(request) or (operator or "").strip() or None
         rec = self.inspect(product, frame.image, source=f"camera:{cam.source.short}/{frame.name or frame.index}",
-                           operator=_user(request))
-        return (frame.image, *self._record_outputs(product, rec))
+                           operator=who)
+        return self._record_outputs(product, rec)
 
-    def on_decide(self, inspection_id: int | None, decision: str, request: gr.Request):
+    def on_view(self, view: dict | None, opacity: float, mode: str):
+        """Re-draw the overlay: opacity, or the original image (before / after)."""
+        if not view:
+            return gr.skip()
+        if mode == "original":
+            return view["image"]
+        from inspector.verdict import Thresholds
+
+        return heat_overlay(view["image"], view["map"], Thresholds(view["ok"], view["ng"]), alpha=float(opacity),
+                            low=view["low"], max_side=MAX_SIDE)
+
+    def _decide(self, inspection_id, decision, operator, reason, note, expect_latest):
+        try:
+            return self.station.decide(int(inspection_id), decision, operator, reason=reason or None,
+                                       note=note or None, expect_latest=expect_latest)
+        except DecisionConflict as exc:
+            raise _error(f"{exc}. The trail below is up to date; decide again if needed.") from exc
+        except (KeyError, ValueError) as exc:
+            raise _error(str(exc.args[0] if exc.args else exc)) from exc
+
+    def on_decide(self, inspection_id: int | None, decision: str, operator: str | None, reason: str | None,
+                  note: str | None, request: gr.Request = None):
+        """Record a decision; a second decision on the same inspection first asks for confirmation.
+
+        Returns (message, trail html, confirm row, pending state)."""
         if inspection_id is None:
             raise _error("Inspect an image first.")
-        user = _user(request)
-        self.station.decide(int(inspection_id), decision, user)
-        word = "Accepted" if decision == "accept" else "Rejected"
-        return f"**{word}** inspection #{int(inspection_id)} — recorded" + (f" by {user}." if user else ".")
+        who = _operator(operator, request)
+        trail = self.store.decisions(int(inspection_id))
+        if trail:
+            last = trail[-1]
+            msg = (f"Inspection #{int(inspection_id)} was already {last['decision'].upper()}ED by {last['operator']} "
+                   f"at {views._when(last['created_at'])} UTC. Confirm to record {decision.upper()} as {who}; "
+                   "the earlier decision stays in the trail.")
+            pending = {"id": int(inspection_id), "decision": decision, "latest": int(last["id"])}
+            return ("", views.decisions_html(trail, pending=msg), gr.update(visible=True), pending)
+        row = self._decide(inspection_id, decision, who, reason, note, expect_latest=None)
+        return (self._decided_msg(row), views.decisions_html(self.store.decisions(int(inspection_id))),
+                gr.update(visible=False), None)
 
-    def on_accept(self, inspection_id: int | None, request: gr.Request):
-        return self.on_decide(inspection_id, "accept", request)
+    @staticmethod
+    def _decided_msg(row: dict) -> str:
+        word = "Accepted" if row["decision"] == "accept" else "Rejected"
+        again = " (replaces the earlier decision)" if row.get("replaces") else ""
+        return f"**{word}** inspection #{row['inspection_id']} — recorded by {row['operator']}{again}."
 
-    def on_reject(self, inspection_id: int | None, request: gr.Request):
-        return self.on_decide(inspection_id, "reject", request)
+    def on_confirm(self, pending: dict | None, operator: str | None, reason: str | None, note: str | None,
+                   request: gr.Request = None):
+        if not pending:
+            return gr.skip(), gr.skip(), gr.update(visible=False), None
+        who = _operator(operator, request)
+        row = self._decide(pending["id"], pending["decision"], who, reason, note, expect_latest=pending["latest"])
+        return (self._decided_msg(row), views.decisions_html(self.store.decisions(pending["id"])),
+                gr.update(visible=False), None)
+
+    def on_cancel(self, inspection_id: int | None):
+        trail = self.store.decisions(int(inspection_id)) if inspection_id is not None else []
+        return "Not changed.", views.decisions_html(trail), gr.update(visible=False), None
+
+    def on_accept(self, inspection_id: int | None, operator: str | None = None, reason: str | None = None,
+                  note: str | None = None, request: gr.Request = None):
+        return self.on_decide(inspection_id, "accept", operator, reason, note, request)
+
+    def on_reject(self, inspection_id: int | None, operator: str | None = None, reason: str | None = None,
+                  note: str | None = None, request: gr.Request = None):
+        return self.on_decide(inspection_id, "reject", operator, reason, note, request)
+
+    # ---- Review tab (UNCERTAIN queue) -----------------------------------------------------------
+    def _review_item(self, product: str | None, skipped: list | None):
+        rows = self.store.pending_review(product=None if product in (None, "", "(all)") else product, limit=None)
+        skipped = set(skipped or [])
+        waiting = [r for r in rows if r["id"] not in skipped]
+        if not waiting:
+            msg = ("No UNCERTAIN inspection waits for a decision." if not rows
+                   else f"{len(rows)} waiting, all skipped in this session: press Load queue to start again.")
+            off = gr.update(interactive=False)
+            return None, views.verdict_html(placeholder="Queue empty"), msg, None, off, off, off, ""
+        r = waiting[0]
+        img = None
+        if r.get("heatmap_path") and Path(r["heatmap_path"]).is_file():
+            with contextlib.suppress(ImageError):
+                img = read_image(r["heatmap_path"])
+        try:
+            t = self.registry.get(r["product"]).thresholds
+        except KeyError:
+            t = None
+        badge = views.verdict_html(r["verdict"], score=r.get("score"), thresholds=t, inspection_id=r["id"],
+                                   product=f"{r['product']} · {views._short(r.get('source'), 40)}")
+        on = gr.update(interactive=True)
+        msg = f"**{len(waiting)}** UNCERTAIN inspection(s) waiting · oldest first · {views._when(r['created_at'])} UTC"
+        return img, badge, msg, r["id"], on, on, on, views.decisions_html([])
+
+    def on_review_load(self, product: str | None):
+        return (*self._review_item(product, []), [])
+
+    def on_review_decide(self, product, iid, skipped, decision, operator, reason, note, request: gr.Request = None):
+        if iid is None:
+            raise _error("The queue is empty.")
+        who = _operator(operator, request)
+        done = ""
+        try:
+            row = self.station.decide(int(iid), decision, who, reason=reason or None, note=note or None,
+                                      expect_latest=None)
+            done = self._decided_msg(row)
+        except DecisionConflict:
+            done = f"Inspection #{int(iid)} was decided meanwhile by someone else; moving on."
+        item = self._review_item(product, skipped)
+        return (*item[:2], done + "  \n" + item[2], *item[3:], skipped)
+
+    def on_review_accept(self, product, iid, skipped, operator, reason, note, request: gr.Request = None):
+        return self.on_review_decide(product, iid, skipped, "accept", operator, reason, note, request)
+
+    def on_review_reject(self, product, iid, skipped, operator, reason, note, request: gr.Request = None):
+        return self.on_review_decide(product, iid, skipped, "reject", operator, reason, note, request)
+
+    def on_review_skip(self, product, iid, skipped):
+        skipped = [*(skipped or []), iid] if iid is not None else list(skipped or [])
+        return (*self._review_item(product, skipped), skipped)
 
     # ---- Live tab ----------------------------------------------------------------------------
     def _camera(self, source: str | None):
@@ -186,53 +402,118 @@ class StationApp:
     def _new_counts() -> dict:
         return {"OK": 0, "UNCERTAIN": 0, "NG": 0, "ERROR": 0}
 
-    def on_live_start(self, product: str, source: str):
+    def _live_out(self, *, image, verdict, cam, counts, ng_list, gallery, running: bool, run_id):
+        """Outputs of every Live handler, in one order: image, verdict, camera, counts html, counts,
+        NG gallery, NG list, timer, Start, Stop, run id."""
+        return (image, verdict, cam, views.counts_html(counts), counts, gallery, ng_list,
+                gr.Timer(active=running), gr.update(interactive=not running), gr.update(interactive=running), run_id)
+
+    def _live_stale(self, run: LiveRun | None, reason: str, state: str, detail: str | None, status: dict | None,
+                    counts, ng_list, running: bool, run_id):
+        last = run.last if run is not None else {}
+        frame = views.stale_frame(run.last_frame if run is not None else None)
+        return self._live_out(image=frame, verdict=views.verdict_html(stale=reason, **last),
+                              cam=views.camera_box(state, detail, status), counts=counts, ng_list=ng_list,
+                              gallery=gr.skip(), running=running, run_id=run_id)
+
+    def on_live_start(self, product: str, source: str, counts: dict, ng_list: list, run_id: str | None):
         self._product(product)
         cam = self._camera(source)
-        return gr.Timer(active=True), views.camera_html(cam.status()), gr.update(interactive=False), \
-            gr.update(interactive=True)
+        with self._runs_lock:
+            old = self._runs.pop(run_id, None) if run_id else None
+        if old is not None:
+            old.active = False
+        cam.close()  # a fresh start: clears a setup error and opens the source again on the first frame
+        run_id = uuid.uuid4().hex
+        with self._runs_lock:
+            self._runs[run_id] = LiveRun(cam)
+        return self._live_out(image=None, verdict=views.verdict_html(placeholder="Waiting for the first frame…"),
+                              cam=views.camera_box("starting", cam.label), counts=dict(counts or self._new_counts()),
+                              ng_list=list(ng_list or []), gallery=gr.skip(), running=True, run_id=run_id)
 
-    def on_live_stop(self, source: str):
+    def on_live_stop(self, counts: dict, ng_list: list, run_id: str | None):
+        """Stop: no new tick, the source closed, and only after the frame in flight is done."""
+        with self._runs_lock:
+            run = self._runs.pop(run_id, None) if run_id else None
         status = None
-        with contextlib.suppress(Exception):
-            status = dict(self.pool.get(self.config.camera_source(source)).status(), state="closed") \
-                if source else None
-        return gr.Timer(active=False), views.camera_html(status), gr.update(interactive=True), \
-            gr.update(interactive=False)
+        if run is not None:
+            run.active = False
+            with run.lock:  # the tick in flight (if any) finishes first
+                run.cam.close()
+                status = run.cam.status()
+        reason = f"Stopped at {datetime.now(UTC):%H:%M:%S} UTC: nothing is being inspected."
+        return self._live_stale(run, reason, "closed", status["source"] if status else None, status,
+                                dict(counts or self._new_counts()), list(ng_list or []), False, None)
 
-    def on_live_tick(self, product: str, source: str, counts: dict, ng_list: list):
+    def on_live_tick(self, product: str, source: str, counts: dict, ng_list: list, run_id: str | None = None):
         counts = dict(counts or self._new_counts())
         ng_list = list(ng_list or [])
+        with self._runs_lock:
+            run = self._runs.get(run_id) if run_id else None
+        if run is None or not run.active:
+            return self._live_stale(run, "Stopped: nothing is being inspected.", "closed", None, None, counts,
+                                    ng_list, False, None)
+        with run.lock:
+            if not run.active:
+                return self._live_stale(run, "Stopped: nothing is being inspected.", "closed", None, None,
+                                        counts, ng_list, False, None)
+            return self._tick(run, run_id, product, counts, ng_list)
+
+    def _tick(self, run: LiveRun, run_id: str, product: str, counts: dict, ng_list: list):
+        cam = run.cam
         try:
-            cam = self._camera(source)
             self._product(product)
         except gr.Error as exc:
-            status = views.camera_html(None, extra=html.unescape(str(exc.message)))
-            return (gr.skip(), gr.skip(), status, views.counts_html(counts),
-                    counts, gr.skip(), ng_list)
+            return self._live_stale(run, html.unescape(str(exc.message)), "closed", None, None, counts, ng_list,
+                                    False, None)
         frame = cam.next_frame()
+        if frame.state == "failed":  # setup error: reported once, the loop stops
+            run.active = False
+            cam.close()
+            with self._runs_lock:
+                self._runs.pop(run_id, None)
+            msg = (frame.error or "setup error").removeprefix("setup error: ")
+            return self._live_stale(run, f"Camera setup error: {msg}. Check the source and press Start.",
+                                    "failed", msg, None, counts, ng_list, False, None)
         if not frame.ok:
-            return (gr.skip(), gr.skip(), views.camera_html(cam.status()), views.counts_html(counts), counts,
-                    gr.skip(), ng_list)
+            lost = cam.state == "reconnecting"
+            reason = ("Camera lost: " if lost else "Frame error: ") + str(frame.error)
+            if not run.active:  # Stop pressed while the read was in flight
+                return self._live_stale(run, "Stopped: nothing is being inspected.", "closed", None, None, counts,
+                                        ng_list, False, None)
+            return self._live_stale(run, reason, "reconnecting" if lost else "error", frame.error, cam.status(),
+                                    counts, ng_list, True, run_id)
+        name = frame.name or frame.index
         try:
-            rec = self.inspect(product, frame.image,
-                               source=f"camera:{cam.source.short}/{frame.name or frame.index}", operator=None)
+            rec = self.inspect(product, frame.image, source=f"camera:{cam.source.short}/{name}", operator=None)
         except gr.Error as exc:  # keep the loop alive: count it and show it
             counts["ERROR"] = counts.get("ERROR", 0) + 1
-            badge = views.verdict_html(error=html.unescape(str(exc.message)), product=f"{product} · {frame.name or frame.index}")
-            return (frame.image, badge, views.camera_html(cam.status()), views.counts_html(counts), counts,
-                    gr.skip(), ng_list)
+            badge = views.verdict_html(error=html.unescape(str(exc.message)), product=f"{product} · {name}")
+            run.last_frame, run.last = frame.image, {"error": "inspection failed", "product": f"{product} · {name}"}
+            if not run.active:
+                return self._live_stale(run, "Stopped: nothing is being inspected.", "closed", None, None, counts,
+                                        ng_list, False, None)
+            return self._live_out(image=frame.image, verdict=badge, cam=views.camera_box("live", None, cam.status()),
+                                  counts=counts, ng_list=ng_list, gallery=gr.skip(), running=True, run_id=run_id)
         p = self.registry.get(product)
         key = "ERROR" if rec.error else str(rec.verdict)
         counts[key] = counts.get(key, 0) + 1
-        badge = views.verdict_html(None if rec.error else rec.verdict, score=rec.score, thresholds=p.thresholds,
-                                   latency_ms=rec.latency_ms, inspection_id=rec.id, error=rec.error,
-                                   product=f"{product} · {frame.name or frame.index}")
+        if not run.active:  # Stop was pressed while this frame was in flight: recorded, not shown as live
+            return self._live_stale(run, "Stopped: nothing is being inspected.", "closed", None, None, counts,
+                                    ng_list, False, None)
+        t = getattr(rec, "thresholds", None) or p.thresholds
+        kw = {"score": rec.score, "thresholds": t, "latency_ms": rec.latency_ms, "inspection_id": rec.id,
+              "error": rec.error, "product": f"{product} · {name}"}
+        badge = views.verdict_html(None if rec.error else rec.verdict, **kw)
         if key == "NG":
             ng_list = ([(rec.overlay, f"#{rec.id} · {frame.name or ''} · {rec.score:.4g}")] + ng_list)[:NG_GALLERY]
         shown = rec.overlay if getattr(rec, "overlay", None) is not None else frame.image
-        return (shown, badge, views.camera_html(cam.status()), views.counts_html(counts), counts,
-                ng_list if key == "NG" else gr.skip(), ng_list)
+        run.last_frame = shown
+        run.last = {"verdict": None if rec.error else rec.verdict, "score": rec.score, "inspection_id": rec.id,
+                    "error": rec.error, "product": f"{product} · {name}"}
+        return self._live_out(image=shown, verdict=badge, cam=views.camera_box("live", cam.label, cam.status()),
+                              counts=counts, ng_list=ng_list, gallery=ng_list if key == "NG" else gr.skip(),
+                              running=True, run_id=run_id)
 
     def on_live_reset(self):
         counts = self._new_counts()
@@ -253,49 +534,68 @@ class StationApp:
                 images.append(read_image(p))
             except ImageError as exc:
                 raise _error(f"{Path(p).name}: {exc.reason}") from exc
-        progress(0.05, desc=f"Fitting {detector} on {len(images)} shots and calibrating…")
+        progress(0.0, desc=f"Loading {backbone} and starting {detector} on {len(images)} shots…")
+        stages = StageProgress(lambda frac, desc: progress(frac, desc=desc))
         t0 = time.perf_counter()
         try:
             with self.model_lock:
                 product = self.registry.register(name, images, detector=detector, backbone=backbone,
                                                  image_size=int(size), replace=bool(replace), actor=_user(request),
-                                                 generator=_generator_choice(generator))
+                                                 generator=_generator_choice(generator), progress=stages)
         except (ValueError, KeyError) as exc:  # ProductExists, bad detector/backbone name...
             raise _error(str(exc.args[0] if exc.args else exc)) from exc
         except Exception as exc:  # noqa: BLE001 - e.g. missing weights for the chosen backbone
             log.exception("registration of %s failed", name)
             raise _error(f"Registration failed: {type(exc).__name__}: {exc}") from exc
         secs = time.perf_counter() - t0
+        _, nd = self._slider_range(product)
         msg = (f"Registered **{product.name}**: {product.detector} on {product.backbone}, {len(images)} shots, "
                f"version `{product.version}` in {secs:.1f} s. Thresholds: OK below "
-               f"{product.thresholds.ok_below:.4g}, NG from {product.thresholds.ng_above:.4g}.")
+               f"{product.thresholds.ok_below:.{nd}f}, NG from {product.thresholds.ng_above:.{nd}f}. "
+               "Operators keep inspecting their current product until they choose this one.")
+        return (msg, gr.update(choices=self.product_names(), value=product.name), *self._calibration(product.name))
+
+    def on_products_changed(self, *current):
+        """After a registration: every product list gets the new names, but each keeps the product
+        its user chose (a registration must not switch what an operator is inspecting)."""
         names = self.product_names()
-        return (msg, *self._product_dropdowns(names, product.name), *self._calibration(product.name))
+        out = []
+        for cur in current[:-1]:
+            out.append(gr.update(choices=names, value=cur if cur in names else (names[0] if names else None)))
+        out.append(gr.update(choices=["(all)"] + names))  # history filter
+        out.append(gr.update(choices=["(all)"] + names))  # review filter
+        return out
 
     def _product_dropdowns(self, names: list[str], value: str | None) -> list:
-        # order: inspect, live, calibration, batch, synth, history
+        # order: inspect, live, calibration, batch, synth, history, review
         upd = [gr.update(choices=names, value=value) for _ in range(5)]
-        upd.append(gr.update(choices=["(all)"] + names))
+        upd += [gr.update(choices=["(all)"] + names), gr.update(choices=["(all)"] + names)]
         return upd
 
-    def _calibration(self, name: str | None, ok: float | None = None, ng: float | None = None) -> tuple:
-        """(plot, ok slider, ng slider, re-verdict table, note) for product ``name``."""
+    @staticmethod
+    def _slider_range(p) -> tuple[tuple[float, float, float], int]:
+        """((min, max, step), decimals) for the threshold sliders, from the product's score range."""
+        cal = getattr(p, "calibration", None) or {}
+        vals = [float(v) for v in (*cal.get("normal_scores", []), *cal.get("defect_scores", []))
+                if math.isfinite(float(v))] + [p.thresholds.ok_below, p.thresholds.ng_above]
+        lo, hi = min(vals), max(vals)
+        span = (hi - lo) or max(abs(hi), 1.0)
+        lo, hi = (max(0.0, lo - 0.25 * span) if lo >= 0 else lo - 0.25 * span), hi + 0.25 * span
+        step, nd = views.slider_spec(lo, hi)
+        lo, hi = math.floor(lo / step) * step, math.ceil(hi / step) * step
+        return (round(lo, nd), round(hi, nd), step), nd
+
+    def _calibration(self, name: str | None, t=None) -> tuple:
+        """(plot, ok slider, ng slider, re-verdict table, note) for product ``name``; ``t`` previews
+        other thresholds."""
         if not name:
             return None, gr.update(), gr.update(), None, "Choose a product."
-        from inspector.verdict import Thresholds
-
         p = self._product(name)
         cal = getattr(p, "calibration", None) or {}
         normal = [float(s) for s in cal.get("normal_scores", [])]
         defects = [float(s) for s in cal.get("defect_scores", [])]
-        t = p.thresholds if ok is None else Thresholds(float(ok), float(max(ok, ng)))
-        vals = normal + defects + [p.thresholds.ok_below, p.thresholds.ng_above]
-        lo, hi = min(vals), max(vals)
-        span = (hi - lo) or max(abs(hi), 1.0)
-        lo, hi = max(0.0, lo - 0.25 * span) if lo >= 0 else lo - 0.25 * span, hi + 0.25 * span
-        nd = max(0, 2 - math.floor(math.log10(hi - lo)))
-        lo, hi = math.floor(lo * 10**nd) / 10**nd, math.ceil(hi * 10**nd) / 10**nd
-        step = 10 ** -(nd + 1)
+        preview = t is not None
+        t = t or p.thresholds
         fig = views.calibration_figure(normal, defects, t.ok_below, t.ng_above,
                                        title=f"{p.name}: {p.detector} / {p.backbone}, {p.shots} shots")
         rows = self.store.history(product=p.name, limit=RECENT)
@@ -304,34 +604,35 @@ class StationApp:
 
         sev = severity_markdown(cal, t.ok_below, t.ng_above)
         note = f"{note}\n\n{sev}" if sev else note
-        if ok is None:
-            return (fig, gr.update(minimum=lo, maximum=hi, value=t.ok_below, step=step),
-                    gr.update(minimum=lo, maximum=hi, value=t.ng_above, step=step), table, note)
-        return fig, gr.skip(), gr.skip(), table, note
+        if preview:
+            return fig, gr.skip(), gr.skip(), table, note + " Not saved yet."
+        (lo, hi, step), nd = self._slider_range(p)
+        return (fig, gr.update(minimum=lo, maximum=hi, value=round(t.ok_below, nd), step=step),
+                gr.update(minimum=lo, maximum=hi, value=round(t.ng_above, nd), step=step), table, note)
 
     def on_calibration_select(self, name: str):
         return self._calibration(name)
 
     def on_threshold_preview(self, name: str, ok: float, ng: float):
+        """Live re-verdict under the sliders' values, with the same rule as Save (no silent fix)."""
         if not name:
             return None, gr.skip(), gr.skip(), None, "Choose a product."
-        note_extra = ""
-        if ok is not None and ng is not None and ok > ng:
-            note_extra = " **OK threshold is above the NG threshold: NG is raised to match.**"
-        fig, _, _, table, note = self._calibration(name, ok, ng)
-        return fig, gr.skip(), gr.skip(), table, note + note_extra
+        try:
+            t = views.slider_thresholds(ok, ng)
+        except ValueError as exc:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"**Cannot use these thresholds: {exc}.**"
+        return self._calibration(name, t)
 
     def on_threshold_save(self, name: str, ok: float, ng: float, request: gr.Request):
-        from inspector.verdict import Thresholds
-
-        self._product(name)
+        p = self._product(name)
         try:
-            t = Thresholds(float(ok), float(ng))
+            t = views.slider_thresholds(ok, ng)
         except ValueError as exc:
-            raise _error(str(exc)) from exc
+            raise _error(f"Cannot use these thresholds: {exc}.") from exc
         self.registry.set_thresholds(name, t, actor=_user(request))
         who = _user(request)
-        return (f"Saved thresholds for **{name}**: OK below {t.ok_below:.4g}, NG from {t.ng_above:.4g}"
+        _, nd = self._slider_range(p)
+        return (f"Saved thresholds for **{name}**: OK below {t.ok_below:.{nd}f}, NG from {t.ng_above:.{nd}f}"
                 + (f" (by {who})" if who else "") + "; new inspections use them.")
 
     # ---- Batch tab ---------------------------------------------------------------------------
@@ -380,8 +681,8 @@ class StationApp:
         d.mkdir(parents=True, exist_ok=True)
         return str(shutil.copy2(path, d / Path(path).name))
 
-    def on_batch(self, product: str, folder: str, zip_path: str | None, request: gr.Request,
-                 progress=gr.Progress()):
+    def on_batch(self, product: str, folder: str, zip_path: str | None, rescore: bool = False,
+                 request: gr.Request = None, progress=gr.Progress()):
         self._product(product)
         folder = (folder or "").strip()
         if bool(folder) == bool(zip_path):
@@ -410,6 +711,7 @@ class StationApp:
         # chunk of images at a time), so operators' inspections interleave with a long batch.
         try:
             summary = self.station.batch(root, product, progress=False, on_progress=on_progress, roots=roots,
+                                         resume=not rescore,
                                          **({"engine": "ray", "address": self.config.ray_address}
                                             if self.config.ray_address else {}))
         except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: Ray/runtime unavailable
@@ -421,7 +723,8 @@ class StationApp:
         df = views.batch_frame(rows, summary.folder)
         counts = {v: sum(1 for r in rows if r.get("verdict") == v) for v in ("OK", "UNCERTAIN", "NG", "ERROR")}
         msg = (f"Batch `{summary.batch_id}` on **{product}**: {summary.n_files} files, {summary.n_scored} scored, "
-               f"{summary.n_errors} errors ({summary.n_skipped} already done earlier) — "
+               f"{summary.n_errors} errors ({summary.n_skipped} already done earlier"
+               + ("" if rescore else "; tick Re-score to score them again") + ") — "
                + ", ".join(f"{k} {v}" for k, v in counts.items()) + f". {summary.images_per_s:.1f} images/s.")
         files = [f for f in (self._download_copy(getattr(summary, "csv_path", None)),
                              self._download_copy(getattr(summary, "html_path", None))) if f]
@@ -457,12 +760,20 @@ class StationApp:
         gallery = [(views.mask_outline(img, m), c) for (img, m), c in zip(pairs, captions)]
         return gallery
 
+    def on_batch_select(self, df, evt: gr.SelectData):
+        """A click on a batch row opens that file's heatmap."""
+        return self._open_row(df, evt, "id")
+
     # ---- History tab -------------------------------------------------------------------------
-    def on_history(self, product: str, verdict: str, since: str, limit: int):
+    def _history_rows(self, product: str, verdict: str, since: str, limit: int | None) -> list[dict]:
         delta = SINCE.get(since)
-        rows = self.store.history(product=None if product in (None, "", "(all)") else product,
+        return self.store.history(product=None if product in (None, "", "(all)") else product,
                                   verdict=None if verdict in (None, "", "(all)") else verdict,
-                                  since=datetime.now(UTC) - delta if delta else None, limit=int(limit))
+                                  since=datetime.now(UTC) - delta if delta else None,
+                                  limit=None if limit is None else int(limit))
+
+    def on_history(self, product: str, verdict: str, since: str, limit: int):
+        rows = self._history_rows(product, verdict, since, limit)
         df = views.history_frame(rows)
         gallery = []
         for r in rows:
@@ -470,12 +781,19 @@ class StationApp:
             if hp and Path(hp).is_file() and len(gallery) < 24:
                 with contextlib.suppress(ImageError):
                     gallery.append((read_image(hp), f"#{r['id']} · {r.get('verdict')} · {_score(r)}"))
-        return df, gallery, f"{len(rows)} inspections."
+        return df, gallery, f"{len(rows)} inspections. Click a row to open its heatmap and decision trail."
 
-    def on_history_select(self, df, evt: gr.SelectData):
+    def on_history_csv(self, product: str, verdict: str, since: str):
+        """Every inspection matching the filters (not only the rows shown) as a CSV download."""
+        rows = self._history_rows(product, verdict, since, None)
+        d = self._downloads / uuid.uuid4().hex[:8]
+        d.mkdir(parents=True, exist_ok=True)
+        return views.history_csv(rows, d / f"inspections-{datetime.now(UTC):%Y%m%d-%H%M%S}.csv")
+
+    def _open_row(self, df, evt: gr.SelectData, column: str = "id"):
         try:
             row = evt.index[0]
-            iid = int(df.iloc[row, 0])
+            iid = int(df.iloc[row][column])
             rec = self.store.get(iid)
         except Exception:  # noqa: BLE001
             return gr.skip(), ""
@@ -484,10 +802,35 @@ class StationApp:
         if hp and Path(hp).is_file():
             with contextlib.suppress(ImageError):
                 img = read_image(hp)
+        trail = self.store.decisions(iid)
         text = (f"**#{iid}** {rec.get('product')} · {rec.get('verdict')} · score {_score(rec)} · "
-                f"{rec.get('source')}" + (f" · decision: {rec['decision']} by {rec.get('operator')}"
-                                           if rec.get("decision") else ""))
-        return img, text
+                f"{views._short(rec.get('source'), 80)}" + (f" · {rec['error']}" if rec.get("error") else ""))
+        return img, text + "\n\n" + views.decisions_html(trail)
+
+    def on_history_select(self, df, evt: gr.SelectData):
+        return self._open_row(df, evt, "id")
+
+    # ---- start-up banner ---------------------------------------------------------------------
+    def on_startup_tick(self, *current):
+        """While the first start registers the sample product: the banner with progress; when it is
+        done, the product lists are filled and the timer stops."""
+        msg, frac, state, elapsed = self.startup.snapshot()
+        if state == "running":
+            return (self._startup_html(), gr.Timer(active=True), *[gr.skip()] * 7, *[gr.skip()] * 5)
+        names = self.product_names()
+        keep = [c if c in names else (names[0] if names else None) for c in current]
+        drops = [gr.update(choices=names, value=k) for k in keep[:5]]
+        drops += [gr.update(choices=["(all)"] + names)] * 2
+        return (self._startup_html(), gr.Timer(active=False), *drops, *self._calibration(keep[2]))
+
+    def _startup_html(self) -> str:
+        msg, frac, state, elapsed = self.startup.snapshot()
+        if state == "done" and not msg:
+            return '<div class="startup done" data-state="done"></div>'
+        pct = f" · {100 * frac:.0f}%" if state == "running" else ""
+        return (f'<div class="startup {state}" data-state="{state}">{html.escape(msg)}{pct}'
+                f'<progress max="1" value="{frac:.3f}" style="width:100%"></progress></div>'
+                if state == "running" else f'<div class="startup {state}" data-state="{state}">{html.escape(msg)}</div>')
 
     # ---- layout ------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
@@ -496,31 +839,86 @@ class StationApp:
         first = names[0] if names else None
         device = getattr(self.station, "device", None) or _device_name()
         with gr.Blocks(title=cfg.title, analytics_enabled=False, fill_width=True) as demo:
-            gr.Markdown(f"# {cfg.title}\nFew-shot and zero-shot defect detection · device **{device}** · "
-                        f"data `{self.data_dir}`", elem_id="station-header")
+            with gr.Row(equal_height=True):
+                gr.Markdown(f"# {cfg.title}\nFew-shot and zero-shot defect detection · device **{device}**",
+                            elem_id="station-header")
+                op_name = gr.Textbox(label="Operator", placeholder="your name (needed to accept / reject)",
+                                     max_length=128, scale=0, min_width=260, elem_id="operator-name")
+            startup = gr.HTML(self._startup_html(), elem_id="startup")
+            startup_timer = gr.Timer(1.0, active=self.startup.snapshot()[2] == "running")
             with gr.Tabs():
                 # -- Inspect
                 with gr.Tab("Inspect", id="inspect"):
                     with gr.Row(equal_height=False):
                         with gr.Column(scale=2):
                             in_product = gr.Dropdown(names, value=first, label="Product", elem_id="inspect-product")
-                            in_image = gr.Image(type="filepath", label="Image to inspect", sources=["upload", "clipboard"],
-                                                height=340, elem_id="inspect-image",
-                                                image_mode=None)  # file as uploaded: one alpha rule (inspector.io)
+                            # gr.File, not gr.Image: the app reads the upload itself (inspector.io), so a
+                            # bad file gets the app's own message and an ERROR record
+                            in_image = gr.File(label="Image to inspect", type="filepath", file_count="single",
+                                               height=120, elem_id="inspect-image")
                             in_btn = gr.Button("Inspect", variant="primary", size="lg", elem_id="inspect-button")
-                            in_cam_btn = gr.Button("Next frame from camera", elem_id="inspect-camera")
+                            in_cam_btn = gr.Button("Next frame from camera (N)", elem_id="inspect-camera",
+                                                   elem_classes="kbd-next")
+                            with gr.Accordion("Details", open=False):
+                                in_details = gr.JSON(label="Inspection", elem_id="inspect-details")
                         with gr.Column(scale=3):
                             in_overlay = gr.Image(label="Heatmap and defect outline", interactive=False, height=420,
                                                   format="png", elem_id="inspect-overlay")
+                            in_colorbar = gr.HTML(elem_id="inspect-colorbar")
+                            with gr.Row():
+                                in_mode = gr.Radio(["heatmap", "original"], value="heatmap", label="Show",
+                                                   elem_id="inspect-mode")
+                                in_opacity = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Heatmap opacity",
+                                                       elem_id="inspect-opacity")
                         with gr.Column(scale=2):
                             in_verdict = gr.HTML(views.verdict_html(), elem_id="inspect-verdict")
                             with gr.Row():
-                                acc_btn = gr.Button("Accept", interactive=False, elem_id="accept-button")
-                                rej_btn = gr.Button("Reject", variant="stop", interactive=False, elem_id="reject-button")
+                                acc_btn = gr.Button("Accept (A)", interactive=False, elem_id="accept-button",
+                                                    elem_classes="kbd-accept")
+                                rej_btn = gr.Button("Reject (R)", variant="stop", interactive=False,
+                                                    elem_id="reject-button", elem_classes="kbd-reject")
+                            with gr.Row():
+                                in_reason = gr.Dropdown(["", *REASON_CODES], value="", label="Reason (optional)",
+                                                        elem_id="inspect-reason")
+                                in_note = gr.Textbox(label="Note (optional)", max_length=500, elem_id="inspect-note")
+                            with gr.Row(visible=False, elem_id="confirm-row") as confirm_row:
+                                cf_btn = gr.Button("Confirm change", variant="primary", elem_id="confirm-button")
+                                cf_cancel = gr.Button("Cancel (Esc)", elem_id="cancel-button",
+                                                      elem_classes="kbd-cancel")
                             in_decision = gr.Markdown(elem_id="inspect-decision")
-                            with gr.Accordion("Details", open=False):
-                                in_details = gr.JSON(label="Inspection", elem_id="inspect-details")
+                            in_trail = gr.HTML(elem_id="inspect-trail")
+                    gr.Markdown("Keys: **A** accept · **R** reject · **N** next camera frame · **Esc** cancel a change. "
+                                "Enter never re-runs an inspection.", elem_classes="note")
                     in_id = gr.State(None)
+                    in_view = gr.State(None)
+                    in_pending = gr.State(None)
+
+                # -- Review (UNCERTAIN queue)
+                with gr.Tab("Review", id="review"):
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=2):
+                            rv_product = gr.Dropdown(["(all)"] + names, value="(all)", label="Product",
+                                                     elem_id="review-product")
+                            rv_load = gr.Button("Load queue", variant="primary", elem_id="review-load")
+                            rv_status = gr.Markdown(elem_id="review-status")
+                        with gr.Column(scale=3):
+                            rv_image = gr.Image(label="Heatmap", interactive=False, height=420, elem_id="review-image")
+                        with gr.Column(scale=2):
+                            rv_verdict = gr.HTML(views.verdict_html(placeholder="Press Load queue"),
+                                                 elem_id="review-verdict")
+                            with gr.Row():
+                                rv_acc = gr.Button("Accept (A)", interactive=False, elem_id="review-accept",
+                                                   elem_classes="kbd-accept")
+                                rv_rej = gr.Button("Reject (R)", variant="stop", interactive=False,
+                                                   elem_id="review-reject", elem_classes="kbd-reject")
+                                rv_skip = gr.Button("Skip (N)", interactive=False, elem_id="review-skip",
+                                                    elem_classes="kbd-next")
+                            with gr.Row():
+                                rv_reason = gr.Dropdown(["", *REASON_CODES], value="", label="Reason (optional)")
+                                rv_note = gr.Textbox(label="Note (optional)", max_length=500)
+                            rv_trail = gr.HTML()
+                    rv_id = gr.State(None)
+                    rv_skipped = gr.State([])
 
                 # -- Live
                 with gr.Tab("Live", id="live"):
@@ -534,17 +932,18 @@ class StationApp:
                                 lv_start = gr.Button("Start", variant="primary", elem_id="live-start")
                                 lv_stop = gr.Button("Stop", interactive=False, elem_id="live-stop")
                                 lv_reset = gr.Button("Reset counts", size="sm")
-                            lv_cam = gr.HTML(views.camera_html(None), elem_id="live-camera")
                             lv_counts = gr.HTML(views.counts_html({}), elem_id="live-counts")
                         with gr.Column(scale=3):
                             lv_image = gr.Image(label="Last frame", interactive=False, height=420, format="jpeg",
                                                 elem_id="live-image")
                         with gr.Column(scale=2):
+                            lv_cam = gr.HTML(views.camera_box("closed"), elem_id="live-camera")
                             lv_verdict = gr.HTML(views.verdict_html(placeholder="Not running"), elem_id="live-verdict")
                     lv_gallery = gr.Gallery(label=f"Last {NG_GALLERY} NG", columns=NG_GALLERY, height=200,
                                             object_fit="contain", fit_columns=False, elem_id="live-ng")
                     lv_counts_state = gr.State(self._new_counts())
                     lv_ng_state = gr.State([])
+                    lv_run = gr.State(None)
                     timer = gr.Timer(cfg.live_interval, active=False)
 
                 # -- Register
@@ -570,16 +969,16 @@ class StationApp:
                             rg_replace = gr.Checkbox(False, label="Replace the product if it exists")
                             rg_btn = gr.Button("Register", variant="primary", elem_id="register-button")
                             rg_status = gr.Markdown(elem_id="register-status")
-                        with gr.Column(scale=3):
+                        with gr.Column(scale=4):
                             gr.Markdown("### Calibration and thresholds")
                             cb_product = gr.Dropdown(names, value=first, label="Product", elem_id="calib-product")
-                            cb_plot = gr.Plot(label="Score histogram", elem_id="calib-plot")
+                            cb_plot = gr.Plot(label="Score histogram and separability", elem_id="calib-plot")
                             with gr.Row():
                                 cb_ok = gr.Slider(0, 1, value=0.3, label="OK below", elem_id="calib-ok")
                                 cb_ng = gr.Slider(0, 1, value=0.6, label="NG from", elem_id="calib-ng")
                             cb_save = gr.Button("Save thresholds", variant="primary", elem_id="calib-save")
                             cb_saved = gr.Markdown(elem_id="calib-saved")
-                            cb_note = gr.Markdown(elem_classes="note")
+                            cb_note = gr.Markdown(elem_classes="note", elem_id="calib-note")
                             cb_table = gr.Dataframe(views.reverdict_frame([], None)[0],
                                                     label="Recent inspections under these thresholds",
                                                     interactive=False, wrap=True, max_height=260)
@@ -594,12 +993,21 @@ class StationApp:
                                                    info=f"Allowed under: {roots}")
                             bt_zip = gr.File(label="…or upload a zip of images", file_types=[".zip"], type="filepath",
                                              elem_id="batch-zip")
+                            bt_rescore = gr.Checkbox(False, label="Re-score files this folder's batch already scored",
+                                                     elem_id="batch-rescore")
                             bt_btn = gr.Button("Run batch", variant="primary", elem_id="batch-button")
                         with gr.Column(scale=3):
                             bt_status = gr.Markdown(elem_id="batch-status")
                             bt_files = gr.File(label="Reports (CSV, HTML)", file_count="multiple", interactive=False)
-                    bt_table = gr.Dataframe(views.batch_frame([]), label="Results (highest score first)",
-                                            interactive=False, max_height=420, elem_id="batch-table")
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=3):
+                            bt_table = gr.Dataframe(views.batch_frame([]), label="Results (highest score first; "
+                                                    "click a row for its heatmap)", datatype=views.BATCH_TYPES,
+                                                    interactive=False, max_height=420, elem_id="batch-table")
+                        with gr.Column(scale=1):
+                            bt_image = gr.Image(label="Selected file", interactive=False, height=300,
+                                                elem_id="batch-image")
+                            bt_caption = gr.Markdown()
 
                 # -- Synthesize
                 with gr.Tab("Synthesize", id="synth"):
@@ -629,40 +1037,66 @@ class StationApp:
                         hs_since = gr.Dropdown(list(SINCE), value="last 24 h", label="Since")
                         hs_limit = gr.Slider(10, 1000, value=100, step=10, label="Rows")
                         hs_btn = gr.Button("Refresh", variant="primary", scale=0)
+                        hs_csv_btn = gr.Button("Export CSV", scale=0, elem_id="history-csv")
                     hs_note = gr.Markdown()
-                    hs_table = gr.Dataframe(views.history_frame([]), interactive=False, wrap=False, max_height=420,
-                                            elem_id="history-table")
+                    hs_csv = gr.File(label="CSV export (all matching inspections)", visible=True, interactive=False,
+                                     elem_id="history-csv-file", height=80)
                     with gr.Row(equal_height=False):
+                        with gr.Column(scale=3):
+                            hs_table = gr.Dataframe(views.history_frame([]), interactive=False, wrap=False,
+                                                    max_height=460, datatype=views.HISTORY_TYPES,
+                                                    elem_id="history-table")
                         with gr.Column(scale=1):
                             hs_image = gr.Image(label="Selected inspection (click a row)", interactive=False,
-                                                height=300)
-                            hs_caption = gr.Markdown()
-                        with gr.Column(scale=3):
-                            hs_gallery = gr.Gallery(label="Heatmaps (newest first)", columns=6, height=340,
-                                                    object_fit="contain", fit_columns=False)
+                                                height=300, elem_id="history-image")
+                            hs_caption = gr.Markdown(elem_id="history-caption")
+                    hs_gallery = gr.Gallery(label="Heatmaps (newest first)", columns=8, height=240,
+                                            object_fit="contain", fit_columns=False)
 
             # -- events
-            decision_outs = [in_overlay, in_verdict, in_details, in_id, acc_btn, rej_btn, in_decision]
-            in_btn.click(self.on_inspect, [in_product, in_image], [in_image, *decision_outs], api_name="inspect")
-            in_cam_btn.click(self.on_camera_frame, [in_product, lv_source], [in_image, *decision_outs],
+            # Inspect: a new upload clears the last result at once; Inspect / next frame / decisions
+            view_outs = [in_overlay, in_verdict, acc_btn, rej_btn, in_decision, in_trail, in_view, in_colorbar,
+                         in_id]
+            in_image.change(self.on_upload, [in_image], view_outs, api_name=False, show_progress="hidden")
+            decision_outs = [in_overlay, in_verdict, in_details, in_id, acc_btn, rej_btn, in_decision, in_trail,
+                             in_view, in_colorbar, confirm_row, in_pending]
+            in_btn.click(self.on_inspect, [in_product, in_image, op_name], decision_outs, api_name="inspect")
+            in_cam_btn.click(self.on_camera_frame, [in_product, lv_source, op_name], decision_outs,
                              api_name="inspect_camera")
-            acc_btn.click(self.on_accept, [in_id], [in_decision], api_name="accept")
-            rej_btn.click(self.on_reject, [in_id], [in_decision], api_name="reject")
+            for c in (in_opacity, in_mode):
+                c.change(self.on_view, [in_view, in_opacity, in_mode], [in_overlay], api_name=False,
+                         show_progress="hidden")
+            dec_in = [in_id, op_name, in_reason, in_note]
+            dec_out = [in_decision, in_trail, confirm_row, in_pending]
+            acc_btn.click(self.on_accept, dec_in, dec_out, api_name="accept")
+            rej_btn.click(self.on_reject, dec_in, dec_out, api_name="reject")
+            cf_btn.click(self.on_confirm, [in_pending, op_name, in_reason, in_note], dec_out, api_name=False)
+            cf_cancel.click(self.on_cancel, [in_id], dec_out, api_name=False)
 
-            lv_start.click(self.on_live_start, [lv_product, lv_source], [timer, lv_cam, lv_start, lv_stop],
-                           api_name=False)
-            lv_stop.click(self.on_live_stop, [lv_source], [timer, lv_cam, lv_start, lv_stop], api_name=False)
-            timer.tick(self.on_live_tick, [lv_product, lv_source, lv_counts_state, lv_ng_state],
-                       [lv_image, lv_verdict, lv_cam, lv_counts, lv_counts_state, lv_gallery, lv_ng_state],
+            rv_outs = [rv_image, rv_verdict, rv_status, rv_id, rv_acc, rv_rej, rv_skip, rv_trail, rv_skipped]
+            rv_load.click(self.on_review_load, [rv_product], rv_outs, api_name=False)
+            rv_in = [rv_product, rv_id, rv_skipped, op_name, rv_reason, rv_note]
+            rv_acc.click(self.on_review_accept, rv_in, rv_outs, api_name=False)
+            rv_rej.click(self.on_review_reject, rv_in, rv_outs, api_name=False)
+            rv_skip.click(self.on_review_skip, [rv_product, rv_id, rv_skipped], rv_outs, api_name=False)
+
+            live_outs = [lv_image, lv_verdict, lv_cam, lv_counts, lv_counts_state, lv_gallery, lv_ng_state, timer,
+                         lv_start, lv_stop, lv_run]
+            lv_start.click(self.on_live_start, [lv_product, lv_source, lv_counts_state, lv_ng_state, lv_run],
+                           live_outs, api_name=False)
+            lv_stop.click(self.on_live_stop, [lv_counts_state, lv_ng_state, lv_run], live_outs, api_name=False)
+            timer.tick(self.on_live_tick, [lv_product, lv_source, lv_counts_state, lv_ng_state, lv_run], live_outs,
                        show_progress="hidden", api_name=False, trigger_mode="once")
             lv_reset.click(self.on_live_reset, None, [lv_counts, lv_counts_state, lv_gallery, lv_ng_state],
                            api_name=False)
 
-            dropdowns = [in_product, lv_product, cb_product, bt_product, sy_product, hs_product]
+            dropdowns = [in_product, lv_product, cb_product, bt_product, sy_product, hs_product, rv_product]
             calib_outs = [cb_plot, cb_ok, cb_ng, cb_table, cb_note]
             rg_btn.click(self.on_register, [rg_name, rg_files, rg_detector, rg_backbone, rg_size, rg_replace,
                                             rg_generator],
-                         [rg_status, *dropdowns, *calib_outs], api_name="register")
+                         [rg_status, cb_product, *calib_outs], api_name="register").success(
+                self.on_products_changed, [in_product, lv_product, bt_product, sy_product, cb_product],
+                [in_product, lv_product, bt_product, sy_product, hs_product, rv_product], api_name=False)
             # .input (user picks), not .change: register/load already return the calibration view, and a
             # second, late refresh would reset sliders the engineer is moving
             cb_product.input(self.on_calibration_select, [cb_product], calib_outs, api_name=False)
@@ -673,8 +1107,9 @@ class StationApp:
             cb_save.click(self.on_threshold_save, [cb_product, cb_ok, cb_ng], [cb_saved], api_name="set_thresholds")
             cb_product.input(lambda: "", None, [cb_saved], api_name=False)
 
-            bt_btn.click(self.on_batch, [bt_product, bt_folder, bt_zip], [bt_status, bt_table, bt_files],
+            bt_btn.click(self.on_batch, [bt_product, bt_folder, bt_zip, bt_rescore], [bt_status, bt_table, bt_files],
                          api_name="batch")
+            bt_table.select(self.on_batch_select, [bt_table], [bt_image, bt_caption], api_name=False)
             sy_btn.click(self.on_synthesize, [sy_product, sy_upload, sy_kind, sy_n, sy_seed, sy_score, sy_sev],
                          [sy_gallery],
                          api_name="synthesize")
@@ -682,15 +1117,24 @@ class StationApp:
             hs_btn.click(self.on_history, [hs_product, hs_verdict, hs_since, hs_limit], hist_outs, api_name="history")
             hist_tab.select(self.on_history, [hs_product, hs_verdict, hs_since, hs_limit], hist_outs, api_name=False)
             hs_table.select(self.on_history_select, [hs_table], [hs_image, hs_caption], api_name=False)
+            hs_csv_btn.click(self.on_history_csv, [hs_product, hs_verdict, hs_since], [hs_csv],
+                             api_name="history_csv")
 
-            def _refresh(current):
+            startup_timer.tick(self.on_startup_tick, [in_product, lv_product, cb_product, bt_product, sy_product],
+                               [startup, startup_timer, *dropdowns, *calib_outs], api_name=False,
+                               show_progress="hidden")
+
+            def _refresh(current, request: gr.Request):
                 names = self.product_names()
                 keep = current if current in names else (names[0] if names else None)
-                return (*self._product_dropdowns(names, keep), *self._calibration(keep))
+                user = _user(request)
+                op = gr.update(value=user, interactive=False) if user else gr.skip()
+                return (*self._product_dropdowns(names, keep), *self._calibration(keep), op)
 
-            demo.load(_refresh, [in_product], [*dropdowns, *calib_outs], api_name=False)
+            demo.load(_refresh, [in_product], [*dropdowns, *calib_outs, op_name], api_name=False)
         self.demo = demo
         return demo
+
 
     # ---- serving -----------------------------------------------------------------------------
     def launch_kwargs(self) -> dict:
@@ -704,6 +1148,7 @@ class StationApp:
                     auth_message="Inspection station: sign in" if cfg.users else None,
                     max_file_size=cfg.max_file_size, blocked_paths=[str(self.data_dir.resolve())],
                     css=views.CSS, theme=gr.themes.Soft(primary_hue="blue"), footer_links=["api"],
+                    head=views.SHORTCUTS_JS,
                     show_error=True)
 
     def _audit_login(self, user: str, reason: str, details: dict) -> None:

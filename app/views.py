@@ -43,6 +43,52 @@ CSS = """
 .counts .c-ng {background: #dc2626} .counts .c-err {background: #475569}
 #inspect-overlay img, #live-image img {width: 100%; height: 100%; object-fit: contain}
 .note {font-size: .9rem; color: var(--body-text-color-subdued)}
+.verdict-STALE {background: #94a3b8; color: #f8fafc; font-size: clamp(1.2rem, 2vw, 2.2rem)}
+.verdict-stale-why {margin-top: 8px; padding: 8px 10px; border-radius: 8px; background: #fef3c7;
+  color: #78350f; font-weight: 600; font-size: .95rem; word-break: break-word}
+.verdict-stale-last {margin-top: 6px; font-size: .9rem; color: var(--body-text-color-subdued)}
+.cam-box {border-radius: 14px; padding: 16px 8px; text-align: center; color: #fff; font-weight: 800;
+  font-size: clamp(1.3rem, 2.2vw, 2.6rem); line-height: 1; letter-spacing: .03em}
+.cam-box.cam-live {background: #15803d} .cam-box.cam-error {background: #b45309}
+.cam-box.cam-reconnecting, .cam-box.cam-lost {background: #dc2626} .cam-box.cam-failed {background: #7f1d1d}
+.cam-box.cam-idle, .cam-box.cam-closed {background: #64748b}
+.cam-box small {display: block; font-size: .8rem; font-weight: 600; margin-top: 6px; letter-spacing: 0}
+.colorbar {margin-top: 4px; font-size: .8rem}
+.colorbar .bar {position: relative; height: 14px; border-radius: 4px; border: 1px solid var(--border-color-primary)}
+.colorbar .tick {position: absolute; top: -3px; bottom: -3px; width: 2px}
+.colorbar .labels {position: relative; height: 1.4em}
+.colorbar .labels span {position: absolute; transform: translateX(-50%); white-space: nowrap}
+.decision-trail {font-size: .9rem} .decision-trail td, .decision-trail th {padding: 2px 6px}
+.decision-pending {padding: 8px 10px; border-radius: 8px; background: #fef3c7; color: #78350f; font-weight: 600}
+.startup {padding: 10px 14px; border-radius: 10px; background: #dbeafe; color: #1e3a8a; font-weight: 600}
+.startup.done {display: none}
+.startup.failed {background: #fee2e2; color: #7f1d1d}
+"""
+
+#: Keyboard shortcuts (A accept, R reject, N next, Esc cancel): they click the visible button with
+#: the matching class, never while typing in a field. A mouse click on a button drops its focus, so a
+#: later Enter cannot re-run it (an accidental second inspection).
+SHORTCUTS_JS = """
+<script>
+(() => {
+  if (window.__inspectorKeys) return; window.__inspectorKeys = true;
+  const visible = (el) => el && el.offsetParent !== null && !el.disabled;
+  const press = (cls) => { const b = [...document.querySelectorAll('.' + cls + ' , button.' + cls)]
+      .find(visible); if (b) { b.click(); return true; } return false; };
+  document.addEventListener('keydown', (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const t = e.target, tag = (t && t.tagName || '').toLowerCase();
+    if (tag === 'input' || tag === 'textarea' || tag === 'select' || (t && t.isContentEditable)) return;
+    const map = {a: 'kbd-accept', r: 'kbd-reject', n: 'kbd-next', escape: 'kbd-cancel'};
+    const cls = map[e.key.toLowerCase()];
+    if (cls && press(cls)) { e.preventDefault(); }
+  }, true);
+  document.addEventListener('click', (e) => {
+    const b = e.target && e.target.closest && e.target.closest('button');
+    if (b && e.detail > 0) b.blur();  // a real mouse click (detail > 0), not Enter/Space
+  }, true);
+})();
+</script>
 """
 
 _VERDICTS = ("OK", "UNCERTAIN", "NG", "ERROR")
@@ -56,8 +102,26 @@ def _fmt(x: float | None, nd: int = 4) -> str:
 
 def verdict_html(verdict: str | None = None, *, score: float | None = None, thresholds=None,
                  latency_ms: float | None = None, inspection_id: int | None = None,
-                 error: str | None = None, product: str | None = None, placeholder: str | None = None) -> str:
-    """The large OK / UNCERTAIN / NG badge with score, thresholds and latency below it."""
+                 error: str | None = None, product: str | None = None, placeholder: str | None = None,
+                 stale: str | None = None) -> str:
+    """The large OK / UNCERTAIN / NG badge with score, thresholds and latency below it.
+
+    ``stale`` (a reason: camera lost, stopped...) greys the area out: the last verdict is named
+    only as history under a "no current verdict" box, never in its colour."""
+    if stale:
+        out = ('<div class="verdict-box verdict-STALE" data-verdict="" data-stale="1">NO CURRENT VERDICT</div>'
+               f'<div class="verdict-stale-why">{html.escape(stale)}</div>')
+        if verdict is not None or error:
+            last = "ERROR" if error and verdict is None else str(getattr(verdict, "value", verdict))
+            bits = [f"last result {html.escape(last)}"]
+            if score is not None:
+                bits.append(f"score {_fmt(score)}")
+            if inspection_id is not None:
+                bits.append(f"#{int(inspection_id)}")
+            if product:
+                bits.append(html.escape(product))
+            out += '<div class="verdict-stale-last">' + " · ".join(bits) + " (not current)</div>"
+        return out
     if verdict is None and error is None:
         text = html.escape(placeholder or "No inspection yet")
         return f'<div class="verdict-box verdict-NONE" data-verdict="">{text}</div>'
@@ -97,6 +161,143 @@ def camera_html(status: dict | None, extra: str | None = None) -> str:
     return out
 
 
+CAMERA_LABELS = {"live": "CAMERA LIVE", "error": "FRAME ERROR", "reconnecting": "CAMERA LOST",
+                 "idle": "CAMERA IDLE", "closed": "CAMERA STOPPED", "failed": "SETUP ERROR",
+                 "starting": "STARTING"}
+
+
+def camera_box(state: str | None, detail: str | None = None, status: dict | None = None) -> str:
+    """The camera state as large as the verdict badge (an operator must see a dead camera first)."""
+    state = state or "closed"
+    label = CAMERA_LABELS.get(state, state.upper())
+    lines = []
+    if detail:
+        lines.append(html.escape(detail))
+    if status:
+        lines.append(f"frames {status.get('frames', 0)} · errors {status.get('errors', 0)} · "
+                     f"reconnects {status.get('reconnects', 0)}")
+    small = "".join(f"<small>{x}</small>" for x in lines)
+    return f'<div class="cam-box cam-{html.escape(state)}" data-state="{html.escape(state)}">{label}{small}</div>'
+
+
+def stale_frame(rgb: np.ndarray | None, text: str = "NOT CURRENT") -> np.ndarray | None:
+    """The last frame greyed out and labelled, so it cannot be taken for the current part."""
+    import cv2
+
+    if rgb is None:
+        return None
+    g = cv2.cvtColor(np.asarray(rgb, dtype=np.uint8), cv2.COLOR_RGB2GRAY)
+    out = np.repeat((g.astype(np.float32) * 0.45 + 90).clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    h, w = out.shape[:2]
+    scale = max(0.5, w / 420)
+    thick = max(1, round(2 * scale))
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    org = (max(0, (w - tw) // 2), (h + th) // 2)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick + 2, cv2.LINE_AA)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (180, 30, 30), thick, cv2.LINE_AA)
+    return np.ascontiguousarray(out)
+
+
+def colorbar_html(thresholds, low: float | None = None) -> str:
+    """The heatmap's colour scale with the two thresholds marked: JET from the product's normal
+    level (``low``) to NG; no tint (grey) below the OK threshold, exactly as the overlay draws it."""
+    import cv2
+
+    if thresholds is None:
+        return ""
+    lo, hi = float(low or 0.0), float(thresholds.ng_above)
+    hi = hi if hi > lo else lo + 1e-6
+    ok_pos = float(np.clip((thresholds.ok_below - lo) / (hi - lo), 0.0, 1.0))
+    # the bar spans [lo, hi + 10% headroom]: NG and above is the top (red) colour
+    top = 1.1
+    stops = []
+    jet = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0, ::-1]
+    for k in range(0, 12):
+        v = k / 10  # normalised level 0..1.1
+        pos = 100 * v / top
+        if v < ok_pos:
+            continue
+        r, g, b = jet[int(min(v, 1.0) * 255)]
+        stops.append(f"rgb({r},{g},{b}) {pos:.1f}%")
+    okp, ngp = 100 * ok_pos / top, 100 / top
+    grad = f"linear-gradient(90deg, #e5e7eb 0%, #e5e7eb {okp:.1f}%, " + (", ".join(stops) or "red 100%") + ")"
+    return (f'<div class="colorbar" data-ok="{thresholds.ok_below:.6g}" data-ng="{thresholds.ng_above:.6g}">'
+            f'<div class="bar" style="background: {grad}">'
+            f'<div class="tick" style="left: {okp:.1f}%; background: #b45309"></div>'
+            f'<div class="tick" style="left: {ngp:.1f}%; background: #991b1b"></div></div>'
+            f'<div class="labels"><span style="left: 0%; transform: none">no tint (OK)</span>'
+            f'<span style="left: {okp:.1f}%">OK &lt; {_fmt(thresholds.ok_below)}</span>'
+            f'<span style="left: {ngp:.1f}%">NG ≥ {_fmt(thresholds.ng_above)}</span></div></div>')
+
+
+def decisions_html(trail: Sequence[dict], pending: str | None = None) -> str:
+    """The decision trail of one inspection, oldest first (nothing is ever overwritten)."""
+    out = ""
+    if pending:
+        out += f'<div class="decision-pending" data-pending="1">{html.escape(pending)}</div>'
+    if not trail:
+        return out + '<div class="decision-trail note" data-n="0">No decision yet.</div>'
+    rows = []
+    for d in trail:
+        what = html.escape(d["decision"].upper())
+        if d.get("previous"):
+            what += f" <span class='note'>(replaces {html.escape(d['previous'])})</span>"
+        extra = " · ".join(html.escape(x) for x in (d.get("reason"), d.get("note")) if x)
+        rows.append(f"<tr><td>{_when(d.get('created_at'))}</td><td>{html.escape(d.get('operator') or '')}</td>"
+                    f"<td>{what}</td><td>{extra}</td></tr>")
+    return out + (f'<table class="decision-trail" data-n="{len(trail)}"><tr><th>when (UTC)</th><th>who</th>'
+                  "<th>decision</th><th>reason / note</th></tr>" + "".join(rows) + "</table>")
+
+
+def thumbnail_uri(path: str | None, side: int = 56) -> str | None:
+    """A small inline JPEG (data URI) of a stored heatmap for table rows; None when missing."""
+    import base64
+
+    import cv2
+
+    if not path:
+        return None
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        return None
+    h, w = img.shape[:2]
+    s = side / max(h, w)
+    img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 70])
+    return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode() if ok else None
+
+
+def _thumb_md(path: str | None) -> str:
+    uri = thumbnail_uri(path)
+    return f"![heatmap]({uri})" if uri else ""
+
+
+def slider_spec(lo: float, hi: float, target_steps: int = 200) -> tuple[float, int]:
+    """A slider step for the range [lo, hi] (a 1-2-5 value giving about ``target_steps`` steps) and
+    the number of decimals that shows it exactly."""
+    import math
+
+    span = abs(hi - lo) or max(abs(hi), 1.0)
+    raw = span / target_steps
+    e = math.floor(math.log10(raw))
+    step = next(m * 10**e for m in (1, 2, 5, 10) if m * 10**e >= raw)
+    decimals = max(0, -math.floor(math.log10(step)))
+    return float(round(step, decimals)), decimals
+
+
+def slider_thresholds(ok: float | None, ng: float | None):
+    """The one rule the preview and the save both apply: the sliders' values as thresholds, or a
+    ValueError saying why they are not valid (OK above NG is refused, never silently changed)."""
+    from inspector.verdict import Thresholds
+
+    if ok is None or ng is None:
+        raise ValueError("set both thresholds")
+    if float(ok) > float(ng):
+        raise ValueError(f"the OK threshold ({float(ok):.6g}) is above the NG threshold ({float(ng):.6g}); "
+                         "move one of them")
+    return Thresholds(float(ok), float(ng))
+
+
 def counts_html(counts: dict) -> str:
     cells = (("c-ok", "OK", counts.get("OK", 0)), ("c-unc", "UNCERTAIN", counts.get("UNCERTAIN", 0)),
              ("c-ng", "NG", counts.get("NG", 0)), ("c-err", "ERRORS", counts.get("ERROR", 0)))
@@ -106,12 +307,14 @@ def counts_html(counts: dict) -> str:
 
 def calibration_figure(normal: Sequence[float], defects: Sequence[float], ok_below: float, ng_above: float,
                        title: str = ""):
-    """Histogram of held-out normal scores and generated-defect scores with the two thresholds
-    and the OK / UNCERTAIN / NG zones."""
+    """Left: histogram of held-out normal scores and generated-defect scores with the two thresholds
+    and the OK / UNCERTAIN / NG zones. Right: separability, the ROC curve of normal vs generated
+    defects with AUROC, and where each threshold sits on it (the engineer sees what moving a
+    threshold trades: normal parts flagged vs defects caught)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.0, 3.2), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(10.0, 3.3), dpi=100, layout="constrained")
+    ax, axr = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.1, 1]})
     normal = np.asarray([s for s in normal if np.isfinite(s)], dtype=float)
     defects = np.asarray([s for s in defects if np.isfinite(s)], dtype=float)
     allv = np.concatenate([normal, defects, [ok_below, ng_above]])
@@ -135,7 +338,41 @@ def calibration_figure(normal: Sequence[float], defects: Sequence[float], ok_bel
         ax.set_title(title, fontsize=11)
     ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
     ax.spines[["top", "right"]].set_visible(False)
+    _separability(axr, normal, defects, ok_below, ng_above)
     return fig
+
+
+def separability(normal: np.ndarray, defects: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(false-positive rates, true-positive rates, AUROC) of normal (negative) vs defect scores, or
+    None without both kinds."""
+    if not (len(normal) and len(defects)):
+        return None
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y = np.r_[np.zeros(len(normal)), np.ones(len(defects))]
+    s = np.r_[normal, defects]
+    fpr, tpr, _ = roc_curve(y, s)
+    return fpr, tpr, float(roc_auc_score(y, s))
+
+
+def _separability(ax, normal, defects, ok_below, ng_above) -> None:
+    sep = separability(normal, defects)
+    ax.plot([0, 1], [0, 1], color="#94a3b8", lw=1, ls=":")
+    if sep is None:
+        ax.set_title("separability: needs normal and defect scores", fontsize=10)
+    else:
+        fpr, tpr, auc = sep
+        ax.plot(fpr, tpr, color="#1d4ed8", lw=2, drawstyle="steps-post")
+        for t, col, name in ((ok_below, "#b45309", "OK thr."), (ng_above, "#991b1b", "NG thr.")):
+            x, y = float(np.mean(normal >= t)), float(np.mean(defects >= t))
+            ax.plot([x], [y], "o", color=col, ms=7, label=f"{name}: {100 * y:.0f}% defects, {100 * x:.0f}% normal")
+        ax.set_title(f"separability: AUROC {auc:.3f}", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("normal flagged (≥ threshold)")
+    ax.set_ylabel("defects flagged")
+    ax.spines[["top", "right"]].set_visible(False)
 
 
 def _when(dt) -> str:
@@ -146,14 +383,18 @@ def _when(dt) -> str:
     return str(dt)
 
 
-HISTORY_COLUMNS = ["id", "time (UTC)", "product", "source", "score", "verdict", "decision", "operator",
+HISTORY_COLUMNS = ["heatmap", "id", "time (UTC)", "product", "source", "score", "verdict", "decision", "operator",
                    "latency ms", "batch", "error"]
+HISTORY_TYPES = ["markdown", "number", "str", "str", "str", "number", "str", "str", "str", "number", "str", "str"]
+BATCH_COLUMNS = ["heatmap", "file", "score", "verdict", "error", "id"]
+BATCH_TYPES = ["markdown", "str", "number", "str", "str", "number"]
 
 
-def history_frame(rows: Iterable[dict]) -> pd.DataFrame:
+def history_frame(rows: Iterable[dict], thumbs: bool = True) -> pd.DataFrame:
     data = []
     for r in rows:
-        data.append([r.get("id"), _when(r.get("created_at")), r.get("product"), _short(r.get("source")),
+        data.append([_thumb_md(r.get("heatmap_path")) if thumbs else "", r.get("id"), _when(r.get("created_at")),
+                     r.get("product"), _short(r.get("source")),
                      None if r.get("score") is None else round(float(r["score"]), 5), r.get("verdict"),
                      r.get("decision") or "", r.get("operator") or "",
                      None if r.get("latency_ms") is None else round(float(r["latency_ms"]), 1),
@@ -161,7 +402,16 @@ def history_frame(rows: Iterable[dict]) -> pd.DataFrame:
     return pd.DataFrame(data, columns=HISTORY_COLUMNS)
 
 
-def batch_frame(rows: Iterable[dict], root: str | None = None) -> pd.DataFrame:
+def history_csv(rows: Iterable[dict], path) -> str:
+    """All columns of the listed inspections (full source, sha256, model version, decision) as CSV."""
+    cols = ["id", "created_at", "product", "source", "image_sha256", "score", "verdict", "model_version",
+            "latency_ms", "batch_id", "error", "decision", "operator", "decided_at"]
+    data = [{c: (_when(r.get(c)) if c in ("created_at", "decided_at") else r.get(c)) for c in cols} for r in rows]
+    pd.DataFrame(data, columns=cols).to_csv(path, index=False)
+    return str(path)
+
+
+def batch_frame(rows: Iterable[dict], root: str | None = None, thumbs: bool = True) -> pd.DataFrame:
     """Batch results: one row per file, path relative to the batch folder, worst first."""
     prefix = (str(root).rstrip("/") + "/") if root else ""
     data = []
@@ -169,12 +419,14 @@ def batch_frame(rows: Iterable[dict], root: str | None = None) -> pd.DataFrame:
         src = str(r.get("source") or "")
         if prefix and src.startswith(prefix):
             src = src[len(prefix):]
-        data.append([src, None if r.get("score") is None else round(float(r["score"]), 5), r.get("verdict"),
-                     r.get("error") or "", r.get("id")])
-    df = pd.DataFrame(data, columns=["file", "score", "verdict", "error", "id"])
+        data.append(["", src, None if r.get("score") is None else round(float(r["score"]), 5), r.get("verdict"),
+                     r.get("error") or "", r.get("id"), r.get("heatmap_path")])
+    df = pd.DataFrame(data, columns=[*BATCH_COLUMNS, "_hp"])
     if len(df):
         df = df.sort_values("score", ascending=False, na_position="first", kind="stable").reset_index(drop=True)
-    return df
+        if thumbs:  # thumbnails for the worst rows only (the ones an engineer opens)
+            df.loc[:49, "heatmap"] = [_thumb_md(p) for p in df["_hp"][:50]]
+    return df.drop(columns="_hp")
 
 
 def reverdict_frame(rows: Iterable[dict], thresholds) -> tuple[pd.DataFrame, str]:

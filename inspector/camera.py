@@ -10,7 +10,8 @@ Two layers:
   ended, folder removed; it must be reopened).
 * :class:`Camera` wraps a source and never raises from :meth:`Camera.next_frame`: it returns a
   :class:`Frame` whose ``error`` says what went wrong, keeps a visible :attr:`Camera.state`
-  (``idle`` -> ``live`` <-> ``error`` / ``reconnecting``, ``closed``) and reconnects a lost
+  (``idle`` -> ``live`` <-> ``error`` / ``reconnecting``, ``closed``; ``failed`` when the source
+  does not exist before any frame arrived: a setup error, not retried) and reconnects a lost
   source with exponential back-off. After a bad frame the next call simply reads the next one;
   after a lost source the next call (once the back-off has passed) reopens it.
 
@@ -35,7 +36,7 @@ import numpy as np
 from .io import IMAGE_SUFFIXES, ImageError, read_file_bytes, read_image, to_rgb8
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mjpg", ".mjpeg")
-STATES = ("idle", "live", "error", "reconnecting", "closed")
+STATES = ("idle", "live", "error", "reconnecting", "closed", "failed")
 
 
 class CameraError(RuntimeError):
@@ -48,6 +49,12 @@ class FrameError(CameraError):
 
 class SourceLost(CameraError):
     """The source is gone (dropped stream, unplugged device, removed folder, end of stream)."""
+
+
+class SourceMissing(SourceLost):
+    """The source does not exist (no such folder, a device or stream that never opened): a setup
+    error. Before the first frame the camera reports it and stops instead of retrying forever;
+    after frames were delivered it is handled like any lost source (reconnect)."""
 
 
 @dataclass
@@ -113,7 +120,7 @@ class FolderSource(FrameSource):
 
     def _scan(self) -> list[Path]:
         if not self.folder.is_dir():
-            raise SourceLost(f"{self.label}: folder not found")
+            raise SourceMissing(f"{self.label}: folder not found")
         try:
             files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         except OSError as exc:
@@ -190,7 +197,7 @@ class OpenCVSource(FrameSource):
                 cap = cv2.VideoCapture(self.target)
         if not cap.isOpened():
             cap.release()
-            raise SourceLost(f"{self.label}: cannot open")
+            raise SourceMissing(f"{self.label}: cannot open")
         self._cap = cap
 
     def read(self) -> tuple[np.ndarray, str | None]:
@@ -287,6 +294,8 @@ class Camera:
         with self._lock:
             if self.state == "closed":
                 self.state = "idle"
+            if self.state == "failed":  # setup error: reported, not retried until closed and started again
+                return Frame(None, self.frames, self.label, time.time(), error=self.last_error, state="failed")
             if not self._open:
                 now = time.monotonic()
                 if self._retry_at and now < self._retry_at:
@@ -295,6 +304,12 @@ class Camera:
                                  error=f"{self.last_error}; reconnecting in {wait:.1f} s", state="reconnecting")
                 try:
                     self.source.open()
+                except SourceMissing as exc:
+                    if self.frames == 0:  # never delivered a frame: the source is wrong, not lost
+                        self.errors += 1
+                        self.state, self.last_error = "failed", f"setup error: {exc}"
+                        return Frame(None, 0, self.label, time.time(), error=self.last_error, state="failed")
+                    return self._error(str(exc), lost=True)
                 except SourceLost as exc:
                     return self._error(str(exc), lost=True)
                 except Exception as exc:  # noqa: BLE001 - never let a camera crash the station
@@ -325,6 +340,7 @@ class Camera:
             pass
 
     def close(self) -> None:
+        """Close the source; waits for a frame being read (the lock), so none arrives after it."""
         with self._lock:
             self._close_source()
             self.state = "closed"

@@ -2,7 +2,8 @@
 
 Maps hold raw anomaly scores (a product's units). For display they are scaled to [0, 1] with the
 product's thresholds: ``low`` (typical normal pixel level; default 0) maps to 0 and ``ng_above``
-maps to 1, so a red pixel means "NG-level here" on every product. The outline is drawn in red
+maps to 1, so a red pixel means "NG-level here" on every product. Pixels below ``ok_below`` get no
+tint at all (the part is shown as it is where nothing is suspicious). The outline is drawn in red
 around pixels at or above ``ng_above`` and, when there are none, in yellow around pixels at or
 above ``ok_below`` (the UNCERTAIN band).
 """
@@ -65,8 +66,11 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, thresholds: Thresholds | None = N
     rgb, amap = _fit(rgb.astype(np.uint8), np.asarray(amap, dtype=np.float32), max_side)
     norm = normalize(amap, thresholds, low)
     colour = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-    # Fade the overlay where the map is low so normal regions stay readable.
-    a = (alpha * (0.35 + 0.65 * norm))[..., None]
+    # Fade the overlay where the map is low so normal regions stay readable; no tint below OK.
+    a = alpha * (0.35 + 0.65 * norm)
+    if thresholds is not None:
+        a = np.where(amap >= thresholds.ok_below, a, 0.0)
+    a = a[..., None]
     out = (rgb.astype(np.float32) * (1 - a) + colour.astype(np.float32) * a).clip(0, 255).astype(np.uint8)
     if outline and thresholds is not None:
         thick = max(1, round(max(out.shape[:2]) / 300))

@@ -46,6 +46,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
 from datetime import UTC, datetime
@@ -68,6 +69,20 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole string: always
 MAX_SHOTS = 32
 MAX_FOLDS = 8
 N_VIEWS = 3
+#: Registration progress callback: ``progress(stage, done, total)``.
+Progress = Callable[[str, int, int], None]
+#: The stages ``register`` reports, in order ("generated defects" interleaves with the folds).
+REGISTER_STAGES = ("held-out scoring", "generated defects", "fit", "save")
+
+
+def _report(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    """Call ``progress`` if given; a failing callback (a closed browser tab) never stops a registration."""
+    if progress is None:
+        return
+    try:
+        progress(stage, int(done), int(total))
+    except Exception:  # noqa: BLE001
+        log.debug("progress callback failed", exc_info=True)
 FORMAT = 1
 
 
@@ -438,18 +453,23 @@ class ProductRegistry:
     def register(self, name: str, images: list[np.ndarray], detector: str = DEFAULT_DETECTOR,
                  backbone: str = "efficientnet-lite0", actor: str | None = None, n_synthetic: int = 16,
                  seed: int = 0, *, image_size: int | None = None, detector_config: dict | None = None,
-                 replace: bool = False, generator: Any = None) -> Product:
+                 replace: bool = False, generator: Any = None, progress: Progress | None = None) -> Product:
         """Fit, calibrate and save a product from 1..MAX_SHOTS normal images (RGB uint8 arrays or paths).
 
         ``generator`` (None = weight-free, or a trained diffusion generator / its folder / its name
         under ``models/synth``) makes the calibration defects, and is passed to the detector's
-        ``fit`` when that accepts ``generator``; the product records its name and version."""
+        ``fit`` when that accepts ``generator``; the product records its name and version.
+
+        ``progress(stage, done, total)`` is called as registration advances, with the stages
+        :data:`REGISTER_STAGES` ("held-out scoring" once per fold, "generated defects" per defect
+        made, "fit", "save"), so a caller can show where it is and estimate the time left."""
         d = self._dir(name)
         shots = self._validate_shots(images)
         if (d / "product.json").is_file() and not replace:  # fail before minutes of fitting
             raise ProductExists(f"product {name!r} already exists; delete it, add shots, or register with replace")
         prod, blob, config = self._build(name, shots, detector, backbone, n_synthetic, seed, image_size,
-                                         detector_config or {}, generator)
+                                         detector_config or {}, generator, progress=progress)
+        _report(progress, "save", 0, 1)
         with self._locked():  # fitted outside the lock; only the existence check + commit inside
             old = self.get(name) if (d / "product.json").is_file() else None
             if old is not None and not replace:
@@ -461,6 +481,7 @@ class ProductRegistry:
                         {"detector": detector, "backbone": backbone, "shots": len(shots),
                          "version": prod.version, "thresholds": prod.thresholds.to_dict(),
                          "previous_version": old.version if old else None})
+        _report(progress, "save", 1, 1)
         return self.get(name)
 
     def add_shots(self, name: str, images: list[np.ndarray], actor: str | None = None) -> Product:
@@ -536,7 +557,8 @@ class ProductRegistry:
 
         return load_backbone(name, device=self.device, image_size=image_size or None)
 
-    def _build(self, name, shots, detector, backbone, n_synthetic, seed, image_size, cfg, generator=None):
+    def _build(self, name, shots, detector, backbone, n_synthetic, seed, image_size, cfg, generator=None,
+               progress=None):
         """Fit + calibrate, no disk writes: ``(Product, state safetensors bytes, state config)``."""
         from .synth import _resolve, describe_generator
 
@@ -549,10 +571,12 @@ class ProductRegistry:
         gen = _resolve(generator)
         fit_gen = None if generator is None else gen  # None: the detector's own default
         normal, defects, severities, map_low = self._calibration_scores(cls, bb, cfg, shots, mode, n_synthetic,
-                                                                        seed, gen, fit_gen)
+                                                                        seed, gen, fit_gen, progress=progress)
         det = cls(bb, **cfg)
+        _report(progress, "fit", 0, 1)
         if mode == "fit":
             _fit(det, bb.preprocess(shots), fit_gen)
+        _report(progress, "fit", 1, 1)
         tensors, config = det.state()
         blob = _safetensors_bytes(tensors)
         model_hash = _sha(blob + _canon(config) + _canon([_shot_id(s) for s in shots]))[:16]
@@ -576,7 +600,8 @@ class ProductRegistry:
         )
         return prod, blob, config
 
-    def _calibration_scores(self, cls, bb, cfg, shots, mode, n_synthetic, seed, gen=None, fit_gen=None):
+    def _calibration_scores(self, cls, bb, cfg, shots, mode, n_synthetic, seed, gen=None, fit_gen=None,
+                            progress=None):
         """Held-out normal scores, generated-defect scores, the defects' severities (stratified over
         [0, 1] across all folds) and the median normal pixel score."""
         from .synth import _resolve, generate_defects
@@ -595,6 +620,8 @@ class ProductRegistry:
         shared = None
         if mode == "zero":
             shared = cls(bb, **cfg)
+        _report(progress, "held-out scoring", 0, len(folds))
+        made = 0
         for i, n_def in zip(folds, per_fold):
             others = [s for j, s in enumerate(shots) if j != i] or [shots[i]]
             queries_normal = ([shots[i]] if (k > 1 or mode == "zero") else []) + \
@@ -603,6 +630,8 @@ class ProductRegistry:
             severities += [float(v) for v in sev]
             queries_defect = [img for img, _ in generate_defects([shots[i]], n_def, rng, gen, severity=sev)] \
                 if n_def else []
+            made += n_def
+            _report(progress, "generated defects", made, n_synthetic)
             if mode == "fit":
                 det = _fit(cls(bb, **cfg), bb.preprocess(others if k > 1 else shots), fit_gen)
                 rt = TorchRuntime(bb, det, "fit")
@@ -615,6 +644,7 @@ class ProductRegistry:
             normal += s[:len(queries_normal)]
             defects += s[len(queries_normal):]
             lows.append(float(res.maps[:len(queries_normal)].median()))
+            _report(progress, "held-out scoring", i + 1, len(folds))
         return [float(v) for v in normal], [float(v) for v in defects], severities, float(np.median(lows))
 
     def _commit(self, prod: Product, shots: list[np.ndarray], blob: bytes, config: dict) -> None:

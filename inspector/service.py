@@ -107,8 +107,9 @@ class Station:
         return InspectionRecord(rid, prod.name, source, ins.score, ins.verdict, ins.map, ov,
                                 None if hp is None else str(hp), latency, None, prod.version, prod.thresholds, rgb)
 
-    def decide(self, inspection_id: int, decision: str, operator: str | None = None) -> None:
-        self.store.set_decision(inspection_id, decision, operator)
+    def decide(self, inspection_id: int, decision: str, operator: str | None = None, **kw) -> dict:
+        """Append an operator decision (see :meth:`inspector.store.Store.record_decision`)."""
+        return self.store.record_decision(inspection_id, decision, operator, **kw)
 
     def batch(self, folder, product: str, *, engine: str = "local", **kwargs):
         """A folder batch on this machine (``engine="local"``) or on a Ray cluster (``"ray"``, with

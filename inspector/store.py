@@ -15,6 +15,11 @@ Batch rows carry ``batch_id``; ``(batch_id, source)`` is unique and batch insert
 conflicting rows, so a resumed batch can never record one file twice. Distributed batches
 (:mod:`inspector.batch_ray`) write with :meth:`Store.upsert_batch_results`, idempotent per
 ``(batch_id, source, image_sha256)``.
+
+Operator decisions are an append-only trail (``decisions``: who, when, accept/reject, which earlier
+decision it replaces, optional reason code and note; SQLite triggers refuse UPDATE and DELETE on it).
+Each decision is also written to ``audit``; the ``decision``/``operator``/``decided_at`` columns of
+``inspections`` only cache the latest one for listing.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Float,
+    ForeignKey,
     Integer,
     MetaData,
     String,
@@ -52,6 +58,13 @@ from .paths import display, encode_source
 log = logging.getLogger(__name__)
 
 DECISIONS = ("accept", "reject")
+#: Reason codes an operator may attach to a decision (free text goes in the note).
+REASON_CODES = ("scratch", "dent", "stain", "missing-part", "contamination", "false-alarm", "image-quality", "other")
+_ANY = object()  # "do not check" for record_decision(expect_latest=...)
+
+
+class DecisionConflict(ValueError):
+    """The inspection's latest decision is not the one the operator saw (someone decided meanwhile)."""
 
 metadata = MetaData()
 
@@ -94,6 +107,19 @@ audit = Table(
     Column("details", Text, nullable=False),  # JSON
 )
 
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("inspection_id", Integer, ForeignKey("inspections.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("operator", String(128), nullable=False),
+    Column("decision", String(16), nullable=False),  # accept / reject
+    Column("replaces", Integer, ForeignKey("decisions.id")),  # the decision this one supersedes
+    Column("reason", String(64)),  # optional reason code (REASON_CODES)
+    Column("note", Text),
+)
+
 
 def _migrate_v1(conn: Connection) -> None:
     """Initial schema: inspections (with the batch/source uniqueness) and audit."""
@@ -114,8 +140,25 @@ def _migrate_v2(conn: Connection) -> None:
         conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({cols})")
 
 
+def _migrate_decisions(conn: Connection) -> None:
+    """The append-only decision trail. Decisions cached on ``inspections`` before it existed are
+    copied in as their first rows; on SQLite, triggers make the table append-only."""
+    decisions.create(conn, checkfirst=True)
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_decisions_inspection ON decisions (inspection_id, id)")
+    conn.exec_driver_sql(
+        "INSERT INTO decisions (inspection_id, created_at, operator, decision) "
+        "SELECT id, COALESCE(decided_at, created_at), COALESCE(NULLIF(operator, ''), 'unknown'), decision "
+        "FROM inspections WHERE decision IS NOT NULL")
+    if conn.dialect.name == "sqlite":
+        for op in ("UPDATE", "DELETE"):
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER IF NOT EXISTS decisions_no_{op.lower()} BEFORE {op} ON decisions "
+                "BEGIN SELECT RAISE(ABORT, 'decisions are append-only'); END")
+
+
 #: (version, step) in order. Append new steps; never edit an applied one.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _migrate_v1), (2, _migrate_v2)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _migrate_v1), (2, _migrate_v2),
+                                                               (3, _migrate_decisions)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -297,16 +340,79 @@ class Store:
                 where=inspections.c.image_sha256.is_distinct_from(stmt.excluded.image_sha256))
             return sum(max(0, conn.execute(stmt, [r]).rowcount) for r in rows)
 
-    def set_decision(self, inspection_id: int, decision: str, operator: str | None = None) -> None:
-        """Record an operator's review ("accept" or "reject") of one inspection."""
+    def set_decision(self, inspection_id: int, decision: str, operator: str | None = None, **kw) -> dict:
+        """Shorthand for :meth:`record_decision` (kept for callers of the first API)."""
+        return self.record_decision(inspection_id, decision, operator, **kw)
+
+    def record_decision(self, inspection_id: int, decision: str, operator: str | None, *, reason: str | None = None,
+                        note: str | None = None, expect_latest=_ANY) -> dict:
+        """Append an operator's review ("accept" or "reject") of one inspection; returns the new row.
+
+        ``operator`` must name a person (never blank). A second decision on the same inspection is
+        a new row that ``replaces`` the previous one; nothing is overwritten. ``expect_latest`` (the
+        id of the latest decision the operator was shown, or None for "none yet") guards against
+        silently replacing a decision someone else made meanwhile: :class:`DecisionConflict`.
+        """
         decision = str(decision).lower()
         if decision not in DECISIONS:
             raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
+        operator = (operator or "").strip()
+        if not operator:
+            raise ValueError("a decision needs an operator name")
+        reason = (reason or "").strip() or None
+        note = (note or "").strip() or None
+        now = utcnow()
         with self._write() as conn, conn.begin():
-            res = conn.execute(update(inspections).where(inspections.c.id == int(inspection_id))
-                               .values(decision=decision, operator=operator, decided_at=utcnow()))
-            if res.rowcount == 0:
+            insp = conn.execute(select(inspections.c.id, inspections.c.product)
+                                .where(inspections.c.id == int(inspection_id))).first()
+            if insp is None:
                 raise KeyError(f"no inspection with id {inspection_id}")
+            prev = conn.execute(select(decisions).where(decisions.c.inspection_id == int(inspection_id))
+                                .order_by(decisions.c.id.desc()).limit(1)).mappings().first()
+            prev_id = None if prev is None else int(prev["id"])
+            if expect_latest is not _ANY and expect_latest != prev_id:
+                who = f"{prev['decision']} by {prev['operator']}" if prev is not None else "none"
+                raise DecisionConflict(f"inspection {inspection_id} was decided meanwhile (latest: {who})")
+            row = {"inspection_id": int(inspection_id), "created_at": now, "operator": operator,
+                   "decision": decision, "replaces": prev_id, "reason": reason, "note": note}
+            row["id"] = int(conn.execute(insert(decisions).values(**row)).inserted_primary_key[0])
+            conn.execute(update(inspections).where(inspections.c.id == int(inspection_id))
+                         .values(decision=decision, operator=operator, decided_at=now))
+            details = {"inspection_id": int(inspection_id), "decision": decision, "decision_id": row["id"],
+                       "replaces": prev_id, "previous": None if prev is None else prev["decision"],
+                       "reason": reason, "note": note}
+            conn.execute(insert(audit).values(created_at=now, actor=operator, action="decision",
+                                              product=insp.product, details=json.dumps(details, sort_keys=True)))
+        return row
+
+    def decisions(self, inspection_id: int | None = None, limit: int | None = None) -> list[dict]:
+        """Decision rows, oldest first (for one inspection, or all), each with ``previous`` (the
+        decision it replaced, or None)."""
+        prev = decisions.alias("prev")
+        q = (select(decisions, prev.c.decision.label("previous"))
+             .select_from(decisions.outerjoin(prev, decisions.c.replaces == prev.c.id)))
+        if inspection_id is not None:
+            q = q.where(decisions.c.inspection_id == int(inspection_id))
+        q = q.order_by(decisions.c.id)
+        if limit is not None:
+            q = q.limit(int(limit))
+        with self.engine.connect() as conn:
+            return [self._out(r) for r in conn.execute(q).mappings()]
+
+    def latest_decision(self, inspection_id: int) -> dict | None:
+        rows = self.decisions(inspection_id)
+        return rows[-1] if rows else None
+
+    def pending_review(self, product: str | None = None, verdict: str = "UNCERTAIN", limit: int | None = 200) -> list[dict]:
+        """Inspections with ``verdict`` and no decision yet, oldest first (the review queue)."""
+        q = select(inspections).where(inspections.c.verdict == verdict, inspections.c.decision.is_(None))
+        if product:
+            q = q.where(inspections.c.product == product)
+        q = q.order_by(inspections.c.created_at, inspections.c.id)
+        if limit is not None:
+            q = q.limit(int(limit))
+        with self.engine.connect() as conn:
+            return [self._out(r) for r in conn.execute(q).mappings()]
 
     def get(self, inspection_id: int) -> dict:
         with self.engine.connect() as conn:
@@ -380,4 +486,4 @@ class Store:
             return out
 
 
-__all__ = ["DECISIONS", "MIGRATIONS", "SCHEMA_VERSION", "Store", "utcnow"]
+__all__ = ["DECISIONS", "MIGRATIONS", "REASON_CODES", "SCHEMA_VERSION", "DecisionConflict", "Store", "utcnow"]

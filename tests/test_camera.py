@@ -120,12 +120,26 @@ def test_video_stream_end_reconnects(tmp_path):
     assert again.ok and cam.reconnects == 1
 
 
-def test_unavailable_device_is_an_error_state_not_a_crash():
-    cam = open_camera("rtsp://127.0.0.1:9/none", backoff=5.0)
+def test_unavailable_device_is_a_setup_error_not_a_crash_nor_a_retry_loop():
+    cam = open_camera("rtsp://127.0.0.1:9/none", backoff=0.01)
     cam.source.timeout_ms = 500
     f = cam.next_frame()
-    assert not f.ok and cam.state == "reconnecting" and "cannot open" in f.error
+    assert not f.ok and cam.state == "failed" and "setup error" in f.error and "cannot open" in f.error
+    time.sleep(0.02)  # past the back-off: still not retried
     f2 = cam.next_frame()
-    assert not f2.ok and "reconnecting in" in f2.error
+    assert not f2.ok and f2.state == "failed" and cam.errors == 1
     cam.close()
     assert cam.state == "closed"
+
+
+def test_missing_folder_is_a_setup_error_until_started_again(tmp_path):
+    folder = tmp_path / "nonexistent"
+    cam = open_camera(folder, backoff=0.01)
+    f = cam.next_frame()
+    assert not f.ok and cam.state == "failed" and "folder not found" in f.error
+    time.sleep(0.02)
+    assert cam.next_frame().state == "failed" and cam.errors == 1  # no endless retry
+    _frames(folder, 1)
+    assert cam.next_frame().state == "failed"  # only a new start (close) tries again
+    cam.close()
+    assert cam.next_frame().ok and cam.state == "live"

@@ -129,23 +129,26 @@ def test_live_tick_shows_camera_error_state_and_recovers(served, tmp_path):
     shutil.copy(images[1], cam_dir / "c.png")
     src = str(cam_dir.resolve())
     counts, ngs = app._new_counts(), []
+    run = app.on_live_start(PRODUCT, src, counts, ngs, None)[-1]
 
     def tick():
         nonlocal counts, ngs
-        out = app.on_live_tick(PRODUCT, src, counts, ngs)
+        out = app.on_live_tick(PRODUCT, src, counts, ngs, run)
         counts, ngs = out[4], out[6]
         return out
 
     out = tick()
     assert 'data-state="live"' in out[2] and sum(counts.values()) == 1
-    out = tick()  # the corrupt frame
+    assert out[1].count('data-verdict="') == 1 and 'data-stale' not in out[1]
+    out = tick()  # the corrupt frame: the last verdict is greyed out, not shown as current
     assert 'data-state="error"' in out[2] and "b.png" in out[2] and sum(counts.values()) == 1
+    assert 'data-stale="1"' in out[1] and "Frame error" in out[1]
     out = tick()  # recovered
     assert 'data-state="live"' in out[2] and sum(counts.values()) == 2
     app.pool.get(src).backoff = 0.01
     shutil.rmtree(cam_dir)
     out = tick()
-    assert 'data-state="reconnecting"' in out[2]
+    assert 'data-state="reconnecting"' in out[2] and 'data-stale="1"' in out[1] and "Camera lost" in out[1]
     cam_dir.mkdir()
     shutil.copy(images[2], cam_dir / "d.png")
     import time

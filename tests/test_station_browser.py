@@ -65,7 +65,8 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e-station")
     data = tmp / "data"
     cfg = tmp / "station.toml"
-    cfg.write_text('backbones = ["efficientnet-lite0"]\nimage_sizes = [128]\nconcurrency = 2\n')
+    cfg.write_text('backbones = ["efficientnet-lite0"]\nimage_sizes = [128]\nconcurrency = 2\n'
+                   f'allowed_batch_roots = ["{tmp.resolve()}"]\n')  # the Live test's camera folders
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = open(tmp / "server.log", "w")

@@ -108,7 +108,51 @@ def test_history_filters_decisions_and_audit(tmp_path):
     with pytest.raises(ValueError):
         st.set_decision(c, "maybe")
     with pytest.raises(KeyError):
-        st.set_decision(10_000, "accept")
+        st.set_decision(10_000, "accept", operator="ann")
     st.audit(actor="eng", action="register", product="p", details={"shots": 2})
     log = st.audit_log("p")
     assert log[0]["details"] == {"shots": 2} and log[0]["actor"] == "eng"
+
+
+def test_decisions_are_an_append_only_trail(tmp_path):
+    st = Store(f"sqlite:///{tmp_path}/db.sqlite")
+    i = st.record_inspection(**{**_row(1), "verdict": "UNCERTAIN"})
+    j = st.record_inspection(**{**_row(2), "verdict": "UNCERTAIN"})
+    assert [r["id"] for r in st.pending_review()] == [i, j]  # oldest first
+    with pytest.raises(ValueError, match="operator"):
+        st.record_decision(i, "accept", "  ")  # never blank
+    first = st.record_decision(i, "accept", "ann", expect_latest=None)
+    assert [r["id"] for r in st.pending_review()] == [j]
+    with pytest.raises(store_mod.DecisionConflict):  # bob was shown "no decision yet"
+        st.record_decision(i, "reject", "bob", expect_latest=None)
+    second = st.record_decision(i, "reject", "bob", reason="scratch", note="visible at 2x", expect_latest=first["id"])
+    trail = st.decisions(i)
+    assert [(d["decision"], d["operator"], d["replaces"], d["previous"]) for d in trail] == [
+        ("accept", "ann", None, None), ("reject", "bob", first["id"], "accept")]
+    assert trail[1]["reason"] == "scratch" and trail[1]["note"] == "visible at 2x"
+    assert trail[0]["created_at"] <= trail[1]["created_at"]
+    row = st.get(i)  # the listing cache shows the latest
+    assert (row["decision"], row["operator"]) == ("reject", "bob")
+    audit = [a for a in st.audit_log(limit=None) if a["action"] == "decision"]
+    assert [(a["actor"], a["details"]["decision"], a["details"]["previous"]) for a in reversed(audit)] == [
+        ("ann", "accept", None), ("bob", "reject", "accept")]
+    assert second["id"] == audit[0]["details"]["decision_id"]
+    with st.engine.connect() as c:  # the database itself refuses to rewrite history
+        for sql in ("UPDATE decisions SET decision='accept'", "DELETE FROM decisions"):
+            with pytest.raises(Exception, match="append-only"):
+                c.execute(text(sql))
+    assert len(st.decisions()) == 2
+
+
+def test_migration_copies_cached_decisions_into_the_trail(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path}/old.db"
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:2])
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    old = Store(url)
+    a = old.record_inspection(**_row(1))
+    with old.engine.begin() as c:  # how the v2 station stored a decision: one overwritable column
+        c.execute(text("UPDATE inspections SET decision='reject', operator=NULL WHERE id=:i"), {"i": a})
+    old.close()
+    monkeypatch.undo()
+    new = Store(url)
+    assert [(d["decision"], d["operator"]) for d in new.decisions(a)] == [("reject", "unknown")]

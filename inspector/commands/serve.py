@@ -5,7 +5,8 @@ folders and queue size come from ``--config`` / ``$INSPECTOR_CONFIG`` and the en
 :mod:`inspector.config`). ``--sample`` builds the bundled sample product ("brick", from
 scikit-image's texture; offline, seconds) and registers it (GraphCore on EfficientNet-Lite0 at
 256 px, 4 shots) unless it is already registered, and points the Live tab at a replay folder of
-its test images: that is what ``make demo`` runs.
+its test images: that is what ``make demo`` runs. On a first start the page answers at once and
+shows the registration's progress (stage, fold i/n, time left) while it runs in the background.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import threading
+import time
 from pathlib import Path
 
 SAMPLE_PRODUCT = "brick"
@@ -34,16 +37,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def prepare_sample(station, *, backbone: str = "efficientnet-lite0", image_size: int = SAMPLE_SIZE,
-                   shots: int = SAMPLE_SHOTS, log=print) -> tuple[Path, Path]:
-    """Build the sample dataset, register the sample product if it is not registered yet, and
-    make a camera replay folder mixing good and defective test images.
+                   shots: int = SAMPLE_SHOTS, log=print, register: bool = True) -> tuple[Path, Path]:
+    """Build the sample dataset, make a camera replay folder mixing good and defective test images
+    and (``register``) register the sample product if it is not registered yet.
 
     Returns ``(dataset folder, replay folder)``.
     """
     from ..datasets import build_sample
-    from ..io import list_images, read_image
 
     folder = Path(build_sample(SAMPLE_PRODUCT))
+    replay = _replay_folder(station, folder)
+    if register:
+        register_sample(station, folder, backbone=backbone, image_size=image_size, shots=shots, log=log)
+    return folder, replay
+
+
+def register_sample(station, folder: Path, *, backbone: str = "efficientnet-lite0", image_size: int = SAMPLE_SIZE,
+                    shots: int = SAMPLE_SHOTS, log=print, progress=None) -> bool:
+    """Register the sample product unless a usable one is registered; True when it registered."""
+    from ..io import list_images, read_image
+
     train = list_images(folder / "train" / "good")[:shots]
     replace = False
     if station.registry.exists(SAMPLE_PRODUCT):
@@ -57,7 +70,14 @@ def prepare_sample(station, *, backbone: str = "efficientnet-lite0", image_size:
             f"@ {image_size} px)...")
         station.registry.register(SAMPLE_PRODUCT, [read_image(p) for p in train], detector="graphcore",
                                   backbone=backbone, image_size=image_size, actor="inspector serve --sample",
-                                  replace=replace)
+                                  replace=replace, progress=progress)
+        return True
+    return False
+
+
+def _replay_folder(station, folder: Path) -> Path:
+    from ..io import list_images
+
     replay = Path(station.data_dir) / "camera-replay" / SAMPLE_PRODUCT
     if not replay.is_dir():
         tmp = replay.with_name(f".{replay.name}.tmp")
@@ -78,7 +98,36 @@ def prepare_sample(station, *, backbone: str = "efficientnet-lite0", image_size:
         for i, src in enumerate(order):
             shutil.copy2(src, tmp / f"{i:03d}_{src.parent.name}_{src.name}")
         tmp.rename(replay)
-    return folder, replay
+    return replay
+
+
+def _register_in_background(station, folder: Path, status) -> threading.Thread:
+    """First start: register the sample product in a thread while the page already answers; the
+    page's banner shows ``status`` (stage, fold i/n, time left)."""
+    from app.station import StageProgress
+
+    def work():
+        t0 = time.perf_counter()
+        def sink(frac: float, desc: str) -> None:
+            status.update(f"First start: registering the sample product {SAMPLE_PRODUCT!r} (fit + calibration "
+                          f"on {SAMPLE_SHOTS} shots) — {desc}", frac)
+            print(f"sample registration {100 * frac:3.0f}%: {desc}", flush=True)
+
+        stages = StageProgress(sink)
+        try:
+            done = register_sample(station, folder, progress=stages,
+                                   log=lambda m: status.update(f"First start: {m}", 0.0))
+            secs = time.perf_counter() - t0
+            status.update(f"Sample product {SAMPLE_PRODUCT!r} registered in {secs:.0f} s." if done else "", 1.0,
+                          state="done")
+            print(f"sample product ready after {secs:.1f} s", flush=True)
+        except Exception as exc:  # noqa: BLE001 - shown on the page, the station still serves
+            logging.getLogger("inspector.serve").exception("sample registration failed")
+            status.update(f"Registering the sample product failed: {type(exc).__name__}: {exc}", state="failed")
+
+    th = threading.Thread(target=work, name="sample-registration", daemon=True)
+    th.start()
+    return th
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,14 +141,18 @@ def run(args: argparse.Namespace) -> int:
                              camera=args.camera)
     station = Station(cfg.data_dir)
     cfg.data_dir = Path(station.data_dir)
+    from app.station import StartupStatus, StationApp
+
+    startup = StartupStatus()
     if args.sample:
-        folder, replay = prepare_sample(station)
+        folder, replay = prepare_sample(station, register=False)
         if not cfg.camera:
             cfg.camera = str(replay)
         cfg.allowed_batch_roots = [*cfg.allowed_batch_roots, folder]
-    from app.station import StationApp
-
-    app = StationApp(station, cfg)
+        startup.update(f"Checking the sample product {SAMPLE_PRODUCT!r}…" if station.registry.exists(SAMPLE_PRODUCT)
+                       else f"First start: registering the sample product {SAMPLE_PRODUCT!r}…", 0.0)
+        _register_in_background(station, folder, startup)
+    app = StationApp(station, cfg, startup=startup)
     for w in cfg.warnings():
         print(f"warning: {w}")
     line = _start_line(station, cfg)  # [line] enabled = true: camera -> verdicts to the PLC, next to the UI
