@@ -796,6 +796,7 @@ class StationApp:
             iid = int(df.iloc[row][column])
             rec = self.store.get(iid)
         except Exception:  # noqa: BLE001
+            log.warning("could not open the selected row", exc_info=True)
             return gr.skip(), ""
         hp = rec.get("heatmap_path")
         img = None
@@ -803,9 +804,9 @@ class StationApp:
             with contextlib.suppress(ImageError):
                 img = read_image(hp)
         trail = self.store.decisions(iid)
-        text = (f"**#{iid}** {rec.get('product')} · {rec.get('verdict')} · score {_score(rec)} · "
-                f"{views._short(rec.get('source'), 80)}" + (f" · {rec['error']}" if rec.get("error") else ""))
-        return img, text + "\n\n" + views.decisions_html(trail)
+        text = html.escape(f"{rec.get('product')} · {rec.get('verdict')} · score {_score(rec)} · "
+                           f"{views._short(rec.get('source'), 80)}" + (f" · {rec['error']}" if rec.get("error") else ""))
+        return img, f"<p><b>#{iid}</b> {text}</p>" + views.decisions_html(trail)
 
     def on_history_select(self, df, evt: gr.SelectData):
         return self._open_row(df, evt, "id")
@@ -1007,7 +1008,7 @@ class StationApp:
                         with gr.Column(scale=1):
                             bt_image = gr.Image(label="Selected file", interactive=False, height=300,
                                                 elem_id="batch-image")
-                            bt_caption = gr.Markdown()
+                            bt_caption = gr.HTML(elem_id="batch-caption")
 
                 # -- Synthesize
                 with gr.Tab("Synthesize", id="synth"):
@@ -1039,8 +1040,8 @@ class StationApp:
                         hs_btn = gr.Button("Refresh", variant="primary", scale=0)
                         hs_csv_btn = gr.Button("Export CSV", scale=0, elem_id="history-csv")
                     hs_note = gr.Markdown()
-                    hs_csv = gr.File(label="CSV export (all matching inspections)", visible=True, interactive=False,
-                                     elem_id="history-csv-file", height=80)
+                    hs_csv = gr.File(label="CSV export (all matching inspections)", interactive=False,
+                                     elem_id="history-csv-file", height=60)
                     with gr.Row(equal_height=False):
                         with gr.Column(scale=3):
                             hs_table = gr.Dataframe(views.history_frame([]), interactive=False, wrap=False,
@@ -1049,7 +1050,7 @@ class StationApp:
                         with gr.Column(scale=1):
                             hs_image = gr.Image(label="Selected inspection (click a row)", interactive=False,
                                                 height=300, elem_id="history-image")
-                            hs_caption = gr.Markdown(elem_id="history-caption")
+                            hs_caption = gr.HTML(elem_id="history-caption")
                     hs_gallery = gr.Gallery(label="Heatmaps (newest first)", columns=8, height=240,
                                             object_fit="contain", fit_columns=False)
 

@@ -225,9 +225,10 @@ def colorbar_html(thresholds, low: float | None = None) -> str:
             f'<div class="bar" style="background: {grad}">'
             f'<div class="tick" style="left: {okp:.1f}%; background: #b45309"></div>'
             f'<div class="tick" style="left: {ngp:.1f}%; background: #991b1b"></div></div>'
-            f'<div class="labels"><span style="left: 0%; transform: none">no tint (OK)</span>'
-            f'<span style="left: {okp:.1f}%">OK &lt; {_fmt(thresholds.ok_below)}</span>'
-            f'<span style="left: {ngp:.1f}%">NG ≥ {_fmt(thresholds.ng_above)}</span></div></div>')
+            f'<div class="labels"><span style="left: 0%; transform: none">heatmap: no tint below OK</span>'
+            f'<span style="left: {okp:.1f}%; transform: translateX(-100%)">OK &lt; {_fmt(thresholds.ok_below)} |</span>'
+            f'<span style="left: {ngp:.1f}%; transform: translateX(-50%)">| NG ≥ {_fmt(thresholds.ng_above)}</span>'
+            '</div></div>')
 
 
 def decisions_html(trail: Sequence[dict], pending: str | None = None) -> str:

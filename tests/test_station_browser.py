@@ -1,7 +1,9 @@
 """End to end in a real browser: start `inspector serve` on a free port with a temporary data dir,
 drive it in headless Chromium (Debian's package, through Playwright) to register a product, set
-its thresholds with the sliders, inspect a good and a defective image, record an operator
-decision, and check the verdicts shown. Screenshots go to tests/artifacts/station_*.png.
+its thresholds with the sliders, inspect a good and a defective image, record operator decisions
+(keyboard shortcuts, a confirmed change, the trail in History), upload a non-image, and run the
+Live tab into a missing source, a lost camera and Stop, checking that no stale verdict is shown as
+current. Screenshots go to tests/artifacts/station_*.png.
 
 In CI (``CI`` set) a missing Chromium or Playwright is a failure, never a silent skip;
 ``scripts/install_browser.sh`` (run by ``.ci/run``) installs Chromium.
@@ -57,7 +59,9 @@ def images(tmp_path_factory, brick):
     bad_img = crop().copy()
     cv2.circle(bad_img, (80, 90), 22, (25, 25, 25), -1)
     bad = write_image(d / "defective.png", bad_img)
-    return {"shots": shots, "good": good, "bad": bad}
+    text = d / "notes.png"
+    text.write_text("an operator picked the wrong file: this is text")
+    return {"shots": shots, "good": good, "bad": bad, "text": text}
 
 
 @pytest.fixture(scope="module")
@@ -138,17 +142,68 @@ def _settle(pg, timeout=15_000) -> None:
 
 
 def _upload(pg, selector: str, path) -> None:
-    remove = pg.locator(f"{selector} button[aria-label='Remove Image']")
-    if remove.count():
-        remove.first.click()
+    """Upload through the File component; the app previews it (or says it is not an image)."""
+    clear = pg.locator(f"{selector} button[aria-label='Clear'], {selector} button[title='Clear']")
+    if clear.count():
+        clear.first.click()
+    pg.locator(f"{selector} input[type=file]").wait_for(state="attached")
     pg.locator(f"{selector} input[type=file]").set_input_files(str(path))
-    pg.locator(f"{selector} img").first.wait_for(state="visible")
+    pg.wait_for_function(f"document.querySelector('{selector}').innerText.includes({json.dumps(Path(path).name)})",
+                         timeout=60_000)
+    pg.wait_for_function("(document.querySelector('#inspect-verdict').innerText || '').includes('Not ')",
+                         timeout=60_000)  # the last verdict was replaced at once: not this file's
 
 
 def _set_slider(pg, elem_id: str, value: float) -> None:
     box = pg.locator(f"#{elem_id} input[type=number]")
     box.fill(f"{value:.4f}")
     box.press("Enter")
+
+
+def _live(pg, server, images, artifacts_dir, store) -> None:
+    """Live tab: a missing source is a setup error (no retry loop); a lost camera greys the verdict
+    and the frame out; Stop shows STOPPED and no current verdict."""
+    import shutil
+
+    pg.get_by_role("tab", name="Live").click()
+    src = pg.locator("#live-source input, #live-source textarea").first
+    src.fill(str(server["data"].parent / "no-such-camera-folder"))
+    pg.locator("#live-start").click()
+    pg.locator('#live-camera [data-state="failed"]').wait_for(timeout=30_000)
+    assert "SETUP ERROR" in pg.locator("#live-camera").inner_text()
+    assert pg.locator('#live-verdict [data-stale="1"]').count() == 1
+    assert pg.locator("#live-start").is_enabled() and not pg.locator("#live-stop").is_enabled()
+    _settle(pg)
+    pg.screenshot(path=str(artifacts_dir / "station_live_setup_error.png"), full_page=True)
+
+    line = server["data"].parent / "line-camera"
+    line.mkdir(exist_ok=True)
+    for i, p in enumerate([images["good"], images["bad"]] * 2):
+        shutil.copy(p, line / f"{i:03d}.png")
+    src.fill(str(line))
+    pg.locator("#live-start").click()
+    pg.locator('#live-camera [data-state="live"]').wait_for(timeout=60_000)
+    pg.wait_for_function("document.querySelector('#live-verdict [data-verdict]')?.dataset.verdict", timeout=60_000)
+    _settle(pg)
+    pg.screenshot(path=str(artifacts_dir / "station_live.png"), full_page=True)
+    shutil.rmtree(line)  # the camera is lost
+    pg.locator('#live-camera [data-state="reconnecting"]').wait_for(timeout=30_000)
+    pg.locator('#live-verdict [data-stale="1"]').wait_for()
+    assert "CAMERA LOST" in pg.locator("#live-camera").inner_text()
+    assert "Camera lost" in pg.locator("#live-verdict").inner_text()
+    # the big badge is grey, never the colour of the last verdict
+    assert "rgb(148, 163, 184)" in pg.locator("#live-verdict .verdict-box").evaluate(
+        "e => getComputedStyle(e).backgroundColor")
+    _settle(pg)
+    pg.screenshot(path=str(artifacts_dir / "station_live_camera_lost.png"), full_page=True)
+    pg.locator("#live-stop").click()
+    pg.locator('#live-camera [data-state="closed"]').wait_for()
+    pg.wait_for_timeout(2500)  # two more timer periods: nothing may bring LIVE back
+    assert pg.locator('#live-camera [data-state="closed"]').count() == 1
+    assert "Stopped" in pg.locator("#live-verdict").inner_text()
+    assert pg.locator('#live-verdict [data-stale="1"]').count() == 1
+    _settle(pg)
+    pg.screenshot(path=str(artifacts_dir / "station_live_stopped.png"), full_page=True)
 
 
 def test_register_then_inspect_good_and_defective(server, page, images, artifacts_dir):
@@ -172,6 +227,9 @@ def _scenario(server, pg, images, artifacts_dir):
     pg.locator("#register-files input[type=file]").set_input_files([str(p) for p in images["shots"]])
     pg.wait_for_function("document.querySelector('#register-files').innerText.includes('shot1')", timeout=60_000)
     pg.locator("#register-button").click()
+    # staged progress while it registers: fold i/n and the time left, not a bar stuck at 5%
+    pg.wait_for_function("document.body.innerText.includes('held-out scoring fold')", timeout=120_000)
+    pg.screenshot(path=str(artifacts_dir / "station_register_progress.png"), full_page=True)
     status = pg.locator("#register-status")
     status.get_by_text("Registered").wait_for(timeout=240_000)
     assert PRODUCT in status.inner_text()
@@ -202,6 +260,7 @@ def _scenario(server, pg, images, artifacts_dir):
     # -- operator inspects a good and a defective part with the calibrated thresholds
     pg.get_by_role("tab", name="Inspect").click()
     assert pg.locator("#inspect-product input").input_value() == PRODUCT  # set by the registration
+    pg.locator("#operator-name input, #operator-name textarea").first.fill("olga")
     good0 = inspect(images["good"])
     bad0 = inspect(images["bad"], prev_id=good0["id"])
     assert good0["verdict"] == str(auto.decide(good0["score"]))
@@ -230,21 +289,57 @@ def _scenario(server, pg, images, artifacts_dir):
     assert good["verdict"] == "OK" and good["score"] == pytest.approx(good0["score"], rel=1e-5), good
     assert "rgb(21, 128, 61)" in pg.locator("#inspect-verdict [data-verdict]").evaluate(
         "e => getComputedStyle(e).backgroundColor")
-    pg.locator("#accept-button").click()
+    pg.locator("#inspect-verdict").click()  # focus leaves the upload field; keys act on the page
+    pg.keyboard.press("a")  # shortcut: accept
     pg.locator("#inspect-decision").get_by_text("Accepted").wait_for()
     assert store.get(good["id"])["decision"] == "accept"
+    n_before = store.count()
+    pg.keyboard.press("Enter")  # after the (mouse) Inspect click, Enter must not inspect again
+    pg.wait_for_timeout(1500)
+    assert store.count() == n_before
+    pg.keyboard.press("r")  # change of mind: asks first, records nothing yet
+    pg.locator("#inspect-trail [data-pending]").wait_for()
+    assert store.get(good["id"])["decision"] == "accept"
+    pg.locator("#confirm-button").click()
+    pg.locator("#inspect-decision").get_by_text("replaces").wait_for()
+    trail = store.decisions(good["id"])
+    assert [(d["decision"], d["operator"], d["previous"]) for d in trail] == [
+        ("accept", "olga", None), ("reject", "olga", "accept")]
+    _settle(pg)
+    pg.screenshot(path=str(artifacts_dir / "station_decision_trail.png"), full_page=True)
 
     bad = inspect(images["bad"], prev_id=good["id"], shot="station_inspect_defective.png")
     assert bad["verdict"] == "NG", bad
     assert "rgb(220, 38, 38)" in pg.locator("#inspect-verdict [data-verdict]").evaluate(
         "e => getComputedStyle(e).backgroundColor")
-    store.close()
+    assert "NG ≥" in pg.locator("#inspect-colorbar").inner_text()
 
-    # -- history tab lists both
+    # -- a non-image upload: the app's own message and an ERROR record, no framework error or path
+    _upload(pg, "#inspect-image", images["text"])
+    pg.locator("#inspect-button").click()
+    err = _verdict(pg, prev_id=bad["id"])
+    assert err["verdict"] == "ERROR" and store.get(err["id"])["verdict"] == "ERROR"
+    shown = pg.locator("#inspect-verdict").inner_text()
+    assert "Not a usable image: " in shown and "/tmp" not in shown and "gradio" not in shown.lower()
+    assert not pg.locator(".toast-body").count() or "preprocess" not in pg.locator(".toast-body").first.inner_text()
+    _settle(pg)
+    pg.screenshot(path=str(artifacts_dir / "station_bad_upload.png"), full_page=True)
+
+    # -- history lists all three with distinct names; a row opens its heatmap and decision trail
     pg.get_by_role("tab", name="History").click()
     pg.wait_for_function("document.querySelector('#history-table')?.innerText.includes('defective.png')")
+    table = pg.locator("#history-table").inner_text()
+    assert "upload:good.png#" in table and "upload:notes.png#" in table
+    pg.wait_for_function("[...document.querySelectorAll('#history-table img')].filter(i => i.offsetParent "
+                         "&& i.naturalWidth > 0).length >= 3")  # heatmap thumbnails of the scored rows
+    pg.locator("#history-table").get_by_text("upload:good.png#", exact=False).first.click()
+    pg.locator("#history-caption table.decision-trail").wait_for()
+    assert "replaces accept" in pg.locator("#history-caption").inner_text()
     _settle(pg)
     pg.screenshot(path=str(artifacts_dir / "station_history.png"), full_page=True)
+
+    _live(pg, server, images, artifacts_dir, store)
+    store.close()
     print(f"\nbrowser e2e: register {t_reg - t0:.1f} s, total {time.perf_counter() - t0:.1f} s; auto {auto}: "
           f"good {good0['score']:.4g} {good0['verdict']}, defective {bad0['score']:.4g} {bad0['verdict']}; "
           f"saved {saved}: good {good['verdict']}, defective {bad['verdict']}")
