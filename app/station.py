@@ -973,7 +973,8 @@ class StationApp:
                         with gr.Column(scale=4):
                             gr.Markdown("### Calibration and thresholds")
                             cb_product = gr.Dropdown(names, value=first, label="Product", elem_id="calib-product")
-                            cb_plot = gr.Plot(label="Score histogram and separability", elem_id="calib-plot")
+                            cb_plot = gr.Plot(label="Score histogram and separability", show_label=False,
+                                              elem_id="calib-plot")
                             with gr.Row():
                                 cb_ok = gr.Slider(0, 1, value=0.3, label="OK below", elem_id="calib-ok")
                                 cb_ng = gr.Slider(0, 1, value=0.6, label="NG from", elem_id="calib-ng")
@@ -1095,7 +1096,8 @@ class StationApp:
             calib_outs = [cb_plot, cb_ok, cb_ng, cb_table, cb_note]
             rg_btn.click(self.on_register, [rg_name, rg_files, rg_detector, rg_backbone, rg_size, rg_replace,
                                             rg_generator],
-                         [rg_status, cb_product, *calib_outs], api_name="register").success(
+                         [rg_status, cb_product, *calib_outs], api_name="register",
+                         show_progress_on=[rg_status]).success(
                 self.on_products_changed, [in_product, lv_product, bt_product, sy_product, cb_product],
                 [in_product, lv_product, bt_product, sy_product, hs_product, rv_product], api_name=False)
             # .input (user picks), not .change: register/load already return the calibration view, and a
@@ -1109,7 +1111,7 @@ class StationApp:
             cb_product.input(lambda: "", None, [cb_saved], api_name=False)
 
             bt_btn.click(self.on_batch, [bt_product, bt_folder, bt_zip, bt_rescore], [bt_status, bt_table, bt_files],
-                         api_name="batch")
+                         api_name="batch", show_progress_on=[bt_status])
             bt_table.select(self.on_batch_select, [bt_table], [bt_image, bt_caption], api_name=False)
             sy_btn.click(self.on_synthesize, [sy_product, sy_upload, sy_kind, sy_n, sy_seed, sy_score, sy_sev],
                          [sy_gallery],

@@ -193,8 +193,9 @@ def stale_frame(rgb: np.ndarray | None, text: str = "NOT CURRENT") -> np.ndarray
     thick = max(1, round(2 * scale))
     (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
     org = (max(0, (w - tw) // 2), (h + th) // 2)
-    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick + 2, cv2.LINE_AA)
-    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (180, 30, 30), thick, cv2.LINE_AA)
+    pad = max(4, th // 2)
+    cv2.rectangle(out, (org[0] - pad, org[1] - th - pad), (org[0] + tw + pad, org[1] + pad), (30, 41, 59), -1)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
     return np.ascontiguousarray(out)
 
 

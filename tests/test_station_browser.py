@@ -113,7 +113,7 @@ def page(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         pg = browser.new_page(viewport={"width": 1440, "height": 900})
-        pg.set_default_timeout(30_000)
+        pg.set_default_timeout(90_000)
         yield pg
         browser.close()
 
@@ -149,9 +149,9 @@ def _upload(pg, selector: str, path) -> None:
     pg.locator(f"{selector} input[type=file]").wait_for(state="attached")
     pg.locator(f"{selector} input[type=file]").set_input_files(str(path))
     pg.wait_for_function(f"document.querySelector('{selector}').innerText.includes({json.dumps(Path(path).name)})",
-                         timeout=60_000)
+                         timeout=150_000)
     pg.wait_for_function("(document.querySelector('#inspect-verdict').innerText || '').includes('Not ')",
-                         timeout=60_000)  # the last verdict was replaced at once: not this file's
+                         timeout=150_000)  # the last verdict was replaced at once: not this file's
 
 
 def _set_slider(pg, elem_id: str, value: float) -> None:
@@ -167,7 +167,7 @@ def _live(pg, server, images, artifacts_dir, store) -> None:
 
     pg.get_by_role("tab", name="Live").click()
     src = pg.locator("#live-source input, #live-source textarea").first
-    src.fill(str(server["data"].parent / "no-such-camera-folder"))
+    src.fill(str(server["data"].parent.resolve() / "no-such-camera-folder"))
     pg.locator("#live-start").click()
     pg.locator('#live-camera [data-state="failed"]').wait_for(timeout=30_000)
     assert "SETUP ERROR" in pg.locator("#live-camera").inner_text()
@@ -180,7 +180,7 @@ def _live(pg, server, images, artifacts_dir, store) -> None:
     line.mkdir(exist_ok=True)
     for i, p in enumerate([images["good"], images["bad"]] * 2):
         shutil.copy(p, line / f"{i:03d}.png")
-    src.fill(str(line))
+    src.fill(str(line.resolve()))
     pg.locator("#live-start").click()
     pg.locator('#live-camera [data-state="live"]').wait_for(timeout=60_000)
     pg.wait_for_function("document.querySelector('#live-verdict [data-verdict]')?.dataset.verdict", timeout=60_000)
