@@ -125,7 +125,7 @@ def _verdict(pg, prev_id=None, timeout=120_000) -> dict:
                       const m = document.querySelector('#inspect-verdict .verdict-meta');
                       if (!b || !b.dataset.verdict || !m) return false;
                       const id = (m.textContent.match(/#(\\d+)/) || [])[1];
-                      return id && id !== prev; }""", arg=str(prev_id), timeout=timeout)
+                      return id && id !== prev; }""", arg=str(prev_id), timeout=timeout, polling=250)
     badge = pg.locator("#inspect-verdict [data-verdict]")
     meta = pg.locator("#inspect-verdict .verdict-meta").inner_text()
     iid = int(meta.rsplit("#", 1)[1].split()[0])
@@ -148,10 +148,9 @@ def _upload(pg, selector: str, path) -> None:
         clear.first.click()
     pg.locator(f"{selector} input[type=file]").wait_for(state="attached")
     pg.locator(f"{selector} input[type=file]").set_input_files(str(path))
-    pg.wait_for_function(f"document.querySelector('{selector}').innerText.includes({json.dumps(Path(path).name)})",
-                         timeout=150_000)
-    pg.wait_for_function("(document.querySelector('#inspect-verdict').innerText || '').includes('Not ')",
-                         timeout=150_000)  # the last verdict was replaced at once: not this file's
+    pg.locator(selector).get_by_text(Path(path).name).first.wait_for(timeout=150_000)
+    # the last verdict was replaced at once: it is not this file's
+    pg.locator("#inspect-verdict").get_by_text("Not ", exact=False).first.wait_for(timeout=150_000)
 
 
 def _set_slider(pg, elem_id: str, value: float) -> None:
@@ -233,7 +232,7 @@ def _scenario(server, pg, images, artifacts_dir):
     status = pg.locator("#register-status")
     status.get_by_text("Registered").wait_for(timeout=240_000)
     assert PRODUCT in status.inner_text()
-    pg.locator("#calib-plot img, #calib-plot canvas, #calib-plot svg").first.wait_for(state="visible")
+    pg.locator("#calib-plot img").first.wait_for(state="visible")  # the matplotlib figure
     t_reg = time.perf_counter()
     _settle(pg)
     pg.screenshot(path=str(artifacts_dir / "station_register.png"), full_page=True)
