@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 import zipfile
 
 import pytest
@@ -48,7 +49,13 @@ def files(tmp_path_factory):
     torch.jit.script(model).save(str(ts))
     sd_file = d / "tiny-state.pt"
     torch.save(model.state_dict(), sd_file)
-    return {"model": model, "torchscript": ts, "state_dict": sd_file, "dir": d}
+    # OpenAI's release files were made with torch.jit.trace (a different code layout from script)
+    traced = d / "tiny-traced.pt"
+    ex = (torch.randn(1, 3, 64, 64), torch.randint(0, 49408, (1, 77)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the trace is only saved, never run
+        torch.jit.trace(clip_arch("tiny").build("cpu").eval(), ex, check_trace=False).save(str(traced))
+    return {"model": model, "torchscript": ts, "state_dict": sd_file, "traced": traced, "dir": d}
 
 
 def _features(model, seed: int = 3) -> torch.Tensor:
@@ -58,12 +65,14 @@ def _features(model, seed: int = 3) -> torch.Tensor:
         return model.encode_image(x)
 
 
-def test_torchscript_read_without_executing_equals_jit_state_dict(files):
-    sd = read_torchscript(files["torchscript"])
-    ref = torch.jit.load(str(files["torchscript"])).state_dict()  # reference only, in the test
+@pytest.mark.parametrize("kind", ["torchscript", "traced"])
+def test_torchscript_read_without_executing_equals_jit_state_dict(files, kind):
+    sd = read_torchscript(files[kind])
+    ref = torch.jit.load(str(files[kind])).state_dict()  # reference only, in the test
     assert set(sd) == set(ref)
     assert all(torch.equal(sd[k], ref[k]) and sd[k].dtype == ref[k].dtype for k in ref)
-    assert sd["visual.conv1.weight"].dtype == torch.float16 and sd["visual.ln_pre.weight"].dtype == torch.float32
+    if kind == "torchscript":
+        assert sd["visual.conv1.weight"].dtype == torch.float16 and sd["visual.ln_pre.weight"].dtype == torch.float32
 
 
 def test_torchscript_reader_refuses_foreign_globals(tmp_path, files):
