@@ -12,8 +12,9 @@ exposure + GigE Vision transfer + queue + inspection + store write).
 Three phases:
 
 1. **latency**: ``--parts`` parts one at a time (next trigger after the verdict): p50/p90/p99.
-2. **sustained**: closed loop for ``--seconds``: a new trigger whenever fewer than
-   ``queue + 1`` parts are in flight; parts/s = verdicts / elapsed (no part may be dropped).
+2. **sustained**: closed loop for ``--seconds``: a new trigger as soon as the camera has
+   delivered the last one and fewer than ``queue + 1`` parts are in flight; parts/s = verdicts /
+   elapsed (no part may be dropped).
 3. **overload**: open loop at 2x the sustained rate for ``--seconds / 2``: shows that what the
    station cannot take is dropped, counted and published (offered = inspected + dropped).
 
@@ -67,7 +68,13 @@ def main() -> int:
     ap.add_argument("--data-dir", type=Path, default=Path.home() / ".cache" / "inspector" / "bench-line")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "line.json")
     ap.add_argument("--md", type=Path, default=ROOT / "bench" / "LINE.md")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="only re-render --md from the JSON of an earlier run (no measurement)")
     args = ap.parse_args()
+    if args.render:
+        args.md.write_text(render(json.loads(args.render.read_text())))
+        print(f"wrote {args.md}")
+        return 0
 
     import numpy as np
     import torch
@@ -94,7 +101,7 @@ def main() -> int:
                                   backbone="efficientnet-lite0", image_size=args.size, actor="bench/line.py")
     print(f"product ready in {time.perf_counter() - t:.1f} s", flush=True)
 
-    result: dict = {"size": args.size, "device": args.device, "queue": args.queue, "product": product,
+    result: dict = {"command": " ".join([".venv/bin/python", "bench/line.py", *sys.argv[1:]]), "size": args.size, "device": args.device, "queue": args.queue, "product": product,
                     "detector": args.detector,
                     "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "torch": torch.__version__}
@@ -131,7 +138,9 @@ def main() -> int:
             start, sent = len(got), 0
             t0 = time.monotonic()
             while time.monotonic() - t0 < args.seconds:
-                if sent - (len(got) - start) < args.queue + 1:
+                # the line sends the next part once the camera has taken the last one (a camera
+                # ignores triggers while busy) and fewer than queue + 1 parts are in flight
+                if pipe.pending_triggers == 0 and sent - (len(got) - start) < args.queue + 1:
                     pipe.trigger()
                     sent += 1
                 else:
@@ -183,13 +192,14 @@ average {r['load_avg_1min'][0]:.1f} at the start, {r['load_avg_1min'][1]:.1f} at
 |---|---|
 | trigger -> verdict p50 (one part at a time, n={lat['n']}) | {lat['p50_ms']:.1f} ms |
 | trigger -> verdict p90 / p99 / max | {lat['p90_ms']:.1f} / {lat['p99_ms']:.1f} / {lat['max_ms']:.1f} ms |
-| of which model + store (`Station.inspect`) p50 / p99 | {mod['p50_ms']:.1f} / {mod['p99_ms']:.1f} ms |
+| of which the model (`Product.inspect`, as recorded in the store) p50 / p99 | {mod['p50_ms']:.1f} / {mod['p99_ms']:.1f} ms |
 | sustained parts/s (closed loop, {sus['seconds']:.0f} s, {sus['parts']} parts) | {sus['parts_per_s']:.1f} |
 | trigger -> verdict p50 / p99 while sustained | {sus['latency']['p50_ms']:.1f} / {sus['latency']['p99_ms']:.1f} ms |
 | dropped at sustained rate | {sus['dropped']} |
 | overload at {over['offered_per_s']:.1f} parts/s offered: inspected / dropped of {over['offered']} | {over['inspected']} / {over['dropped']} |
 
-Reproduce: `.venv/bin/python bench/line.py` (needs scripts/install_line.sh). The latency includes
+Reproduce: `{r.get('command') or '.venv/bin/python bench/line.py --detector ' + r['detector']}` (needs
+scripts/install_line.sh). The latency includes
 the fake camera's frame period (it answers a software trigger at its next frame tick, 25 frames/s,
 so up to 40 ms), which a hardware-triggered real camera does not add. Drop reasons under overload:
 {', '.join(over['drop_reasons']) or 'none'}.

@@ -114,6 +114,29 @@ def test_full_queue_drops_are_counted_recorded_and_published(station):
         assert f"/frame={v.frame_id}/" in rows[v.inspection_id]["source"]
 
 
+def test_every_trigger_ends_in_a_verdict_even_when_the_camera_skips_it(station):
+    """Triggers faster than the camera's frame period: the camera ignores some; each of those
+    still ends as a dropped part (after trigger_timeout_s), none is silently lost."""
+    with fake_camera() as fake:
+        got = Collector()
+        pipe = LinePipeline(station, "pa", _camera(fake.device_id), queue_size=8, trigger_timeout_s=1.0,
+                            listeners=[got]).start()
+        try:
+            assert _wait(lambda: pipe.ready), pipe.status()
+            for _ in range(5):
+                assert pipe.trigger()  # back to back, well inside one frame period (40 ms)
+            vs = got.wait(5, timeout=90)
+            time.sleep(1.5)  # nothing more may come: one verdict per trigger, not more
+            assert len(got.items) == 5 and pipe.pending_triggers == 0
+        finally:
+            pipe.stop()
+    inspected = [v for v in vs if not v.dropped]
+    dropped = [v for v in vs if v.dropped]
+    assert len(inspected) >= 1 and len(inspected) + len(dropped) == 5
+    assert all("no frame within" in v.error for v in dropped)
+    assert pipe.counts["dropped"] == len(dropped)
+
+
 def test_trigger_without_camera_is_a_dropped_part(station):
     with fake_camera() as fake:
         got = Collector()

@@ -145,3 +145,35 @@ def test_whole_line_camera_to_plc(tmp_path):
             fake.start()  # ... and comes back
             assert _wait(lambda: _get(base + "/health")[0] == 200, 90), _get(base + "/health")
             mb.close()
+
+
+def test_serve_starts_a_free_run_line_from_config(tmp_path):
+    """`inspector serve` with [line] enabled: here a folder replayed as a free-running stream (no
+    GenICam needed); every frame it can take is inspected, the others are counted as dropped."""
+    from PIL import Image
+    from skimage import data
+
+    from inspector.commands.serve import _start_line
+
+    station = make_station(tmp_path, names=("pa",))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    g = data.brick()
+    for i in range(3):
+        Image.fromarray(g[i * 64:i * 64 + 96, :96]).save(frames / f"{i}.png")
+    cfg = StationConfig.load(None, env={})
+    cfg.allowed_batch_roots = [tmp_path]
+    assert _start_line(station, cfg) is None  # no [line]: nothing starts
+    cfg.line = {"enabled": True, "product": "pa", "source": str(frames), "queue_size": 1, "metrics": {"port": 0}}
+    line = _start_line(station, cfg)
+    try:
+        assert not line.pipeline.triggered
+        assert _wait(lambda: line.pipeline.counts["OK"] + line.pipeline.counts["UNCERTAIN"]
+                     + line.pipeline.counts["NG"] >= 3, 120)
+        status, body = _get(line.metrics_server.url + "/health")
+        assert status == 200, body
+    finally:
+        line.stop()
+    rows = station.history(limit=50)
+    assert rows and all(r["source"].startswith("line:frames/") and r["error"] is None for r in rows)
+    assert {r["source"].rsplit("/", 1)[1] for r in rows} <= {"0.png", "1.png", "2.png"}

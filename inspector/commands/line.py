@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+import time
 from pathlib import Path
 
 from ._common import add_data_dir
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from ..service import Station
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("asyncua", "pymodbus"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = StationConfig.load(args.config, data_dir=getattr(args, "data_dir", None))
     lc = line_config(cfg, args.product, args.source)
     if not lc.product:
@@ -82,7 +85,15 @@ def run(args: argparse.Namespace) -> int:
     with LineStation(station, lc) as line:
         for msg in line.describe():
             print(msg, flush=True)
-        while not stop.wait(args.trigger_every or 1.0):
+        every = args.trigger_every or 1.0
+        last_report, n = time.monotonic(), 0
+        while not stop.wait(every):
             if args.trigger_every:
                 line.pipeline.trigger()
+            if time.monotonic() - last_report >= 10.0:  # a line in the journal every 10 s
+                st = line.pipeline.status()
+                last = st["last"] or {}
+                print(f"line: ready={st['ready']} camera={st['camera']['state']} counts={st['counts']} "
+                      f"last={last.get('verdict')} frame={last.get('frame_id')}", flush=True)
+                last_report, n = time.monotonic(), n + 1
     return 0

@@ -67,6 +67,9 @@ class LineMetrics:
         Gauge("inspector_queue_size", "Capacity of the inspection queue", registry=r).set_function(
             lambda: float(p.queue_size if p is not None else 0))
 
+    def on_dropped_frame(self, product: str) -> None:
+        self.dropped.labels(product=product).inc()
+
     def on_verdict(self, v: LineVerdict) -> None:
         if v.dropped:
             self.dropped.labels(product=v.product).inc()

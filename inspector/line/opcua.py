@@ -316,6 +316,8 @@ class StationOpcUaServer:
         if self.pipeline is not None:
             await self._write("Ready", bool(self.pipeline.ready), ua.VariantType.Boolean)
             await self._write("Product", self.pipeline.product, ua.VariantType.String)
+            # free-run drops publish no part verdict: keep the counter current here
+            await self._write("Counters/Dropped", int(self.pipeline.counts.get("dropped", 0)), ua.VariantType.UInt64)
 
     async def _publish(self, v: LineVerdict, counts: dict) -> None:
         async with self._wlock:

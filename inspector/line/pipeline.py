@@ -6,12 +6,15 @@ Two threads, so that the camera is never starved while the model works:
   in trigger mode, every frame in free-run) and puts them on a bounded queue. When the queue is
   full the part is **dropped**: counted, recorded in the store (verdict ERROR, error
   ``"dropped: ..."``) and published as an ERROR verdict with its frame id, so that the reject gate
-  treats it as not inspected instead of letting it pass.
+  treats it as not inspected instead of letting it pass. (A free-running camera delivers frames
+  whether or not a part is there: its dropped frames are counted, not published as parts.)
 * **inspection** takes frames off the queue, scores them with the active product through
   :meth:`inspector.service.Station.inspect` (which records the result: the source string carries
   the camera, frame id and device timestamp), and publishes a :class:`LineVerdict`.
 
-Latency is measured from the trigger (software: when :meth:`LinePipeline.trigger` was called;
+Software triggers are matched to frames in order; a trigger whose frame does not come within
+``trigger_timeout_s`` (a camera ignores triggers while it is still busy with the last one) is a
+dropped part too. Latency is measured from the trigger (software: when :meth:`LinePipeline.trigger` was called;
 hardware or free-run: when the frame's first packet reached this host, Aravis' system timestamp)
 to the moment the verdict is published. Listeners (OPC UA, Modbus, metrics) get every verdict
 through ``on_verdict``; they must return quickly (they hand work to their own threads).
@@ -77,6 +80,8 @@ class LinePipeline:
     #: software-trigger frames that do not come within this long count as dropped
     trigger_timeout_s: float = 5.0
     listeners: list[Listener] = field(default_factory=list)
+    #: free-run only: called with the product for each frame dropped (no part verdict is published)
+    drop_listeners: list[Callable[[str], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
@@ -97,7 +102,8 @@ class LinePipeline:
         self.set_product(self.product)
         self._stop.clear()
         self._threads = [threading.Thread(target=self._acquire, name="line-acquire", daemon=True),
-                         threading.Thread(target=self._inspect, name="line-inspect", daemon=True)]
+                         threading.Thread(target=self._inspect, name="line-inspect", daemon=True),
+                         threading.Thread(target=self._watchdog, name="line-watchdog", daemon=True)]
         for t in self._threads:
             t.start()
         return self
@@ -149,6 +155,12 @@ class LinePipeline:
 
     # ---- state -----------------------------------------------------------------------------
     @property
+    def pending_triggers(self) -> int:
+        """Software triggers sent whose frame has not arrived yet."""
+        with self._lock:
+            return len(self._pending)
+
+    @property
     def queue_depth(self) -> int:
         return self._q.qsize()
 
@@ -188,6 +200,12 @@ class LinePipeline:
             except queue.Full:
                 self._drop(frame, t, f"dropped: inspection queue full ({self.queue_size} waiting)")
 
+    def _watchdog(self) -> None:
+        # A trigger the camera never answered (busy, or gone) must still end in a verdict, even
+        # while no frame comes at all: the acquisition thread is then blocked waiting for one.
+        while not self._stop.wait(0.1):
+            self._expire_triggers()
+
     def _expire_triggers(self) -> None:
         now, lost = time.monotonic(), []
         with self._lock:
@@ -216,10 +234,24 @@ class LinePipeline:
                                       meta.get("device_timestamp_ns"), out[2],
                                       time.monotonic() - job.t_trigger, out[3]))
 
+    @property
+    def triggered(self) -> bool:
+        """One frame per part (trigger mode), as opposed to a free-running stream."""
+        settings = getattr(self.camera.source, "settings", None)
+        return getattr(settings, "trigger", "free-run") != "free-run"
+
     def _drop(self, frame: Frame | None, t: float, reason: str) -> None:
         meta = (frame.meta if frame is not None else None) or {}
         with self._product_lock:
             product = self.product
+        if frame is not None and not self.triggered:
+            # Free-run: frames arrive whether or not a part is there; those the station cannot
+            # take are counted (Counters/Dropped, metrics) but are no part verdicts for the PLC.
+            with self._lock:
+                self.counts["dropped"] += 1
+            for fn in list(self.drop_listeners):
+                fn(product)
+            return
         rid = None
         try:
             prod = self.station.registry.get(product)

@@ -45,6 +45,7 @@ class LineStation:
                                      save_heatmaps=cfg.save_heatmaps, trigger_timeout_s=cfg.trigger_timeout_s)
         self.metrics = LineMetrics(self.pipeline)
         self.pipeline.listeners.append(self.metrics.on_verdict)
+        self.pipeline.drop_listeners.append(self.metrics.on_dropped_frame)
         self.metrics_server = MetricsServer(self.metrics, cfg.metrics) if cfg.metrics.enabled else None
         self.opcua = None
         self.modbus = None
