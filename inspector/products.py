@@ -563,6 +563,8 @@ class ProductRegistry:
         from .synth import _resolve, describe_generator
 
         cls = detector_class(detector)
+        if not image_size and hasattr(cls, "default_image_size"):
+            image_size = cls.default_image_size(backbone, cfg)  # official presets: 518 px on ViT-L-14-336
         bb = self._load_backbone(backbone, image_size)
         size = bb.preprocess.size
         t0 = time.perf_counter()

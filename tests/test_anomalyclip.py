@@ -471,3 +471,11 @@ def test_official_checkpoint_imports_and_scores(tmp_path, bb, images):
     torch.save({"model": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(MissingWeightsError, match="not an official AnomalyCLIP checkpoint"):
         import_official_checkpoint(tmp_path / "other.pth", "y", mdir, backbone="clip/tiny")
+
+
+def test_default_image_size_follows_the_official_setting(tmp_path, bb):
+    assert AnomalyCLIP.default_image_size("clip/ViT-L-14-336", {}) == 518
+    assert AnomalyCLIP.default_image_size("clip/ViT-L-14-336", {"preset": "project"}) is None
+    assert AnomalyCLIP.default_image_size("clip/ViT-B-16", {}) is None
+    path = AnomalyCLIP(bb, image_size=96).save(tmp_path / "p.safetensors")
+    assert AnomalyCLIP.default_image_size("clip/tiny", {"checkpoint": str(path)}) == 96

@@ -530,3 +530,9 @@ def test_project_preset_is_the_default_and_differs(tiny_cnn):
     with pytest.raises(ValueError, match="preset"):
         MuSc(tiny_cnn, preset="paper")
     assert MuSc.from_state(tiny_cnn, {}, MuSc(tiny_cnn, preset="official", dataset="visa").config()).rscin_k == (1, 8, 9)
+
+
+def test_default_image_size_official_518_on_vit_l():
+    assert MuSc.default_image_size("clip/ViT-L-14-336", {"preset": "official"}) == 518
+    assert MuSc.default_image_size("clip/ViT-L-14-336", {}) is None
+    assert MuSc.default_image_size("efficientnet-lite0", {"preset": "official"}) is None

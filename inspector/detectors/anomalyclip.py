@@ -436,6 +436,21 @@ class AnomalyCLIP:
             self.config.training = loaded[1].training
             self.load_tensors(loaded[0])
 
+    @classmethod
+    def default_image_size(cls, backbone: str, config: dict[str, Any] | None = None) -> int | None:
+        """Input size a product should use: the prompt checkpoint's, else 518 px for the official
+        preset on ViT-L-14-336 (the papers' setting), else None (the backbone's native size)."""
+        config = dict(config or {})
+        if config.get("image_size"):
+            return int(config["image_size"])
+        if config.get("checkpoint") is not None:
+            _, js = _paths(_checkpoint_path(config["checkpoint"]))
+            if js.is_file():
+                return json.loads(js.read_text()).get("image_size")
+        if config.get("preset", "official") == "official" and backbone == DEFAULT_BACKBONE:
+            return OFFICIAL_IMAGE_SIZE
+        return None
+
     # -- construction helpers ----------------------------------------------------------------
     def _build_prompts(self) -> PromptLearner:
         cfg = self.config

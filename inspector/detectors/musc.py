@@ -122,6 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "official": {"position_norm": False, "sigma": 0.0, "align_corners": True, "image_score": "map"},
     "project": {"position_norm": True, "sigma": 4.0, "align_corners": False, "image_score": "patch"},
 }
+OFFICIAL_IMAGE_SIZE = 518  # configs/musc.yaml img_resize
 # Official RsCIN windows per dataset (models/musc.py: VisA [1, 8, 9], MVTec AD and others [1, 2, 3]).
 RSCIN_WINDOWS: dict[str, tuple[int, ...]] = {"mvtec": (1, 2, 3), "visa": (1, 8, 9), "btad": (1, 2, 3)}
 MAP_GROUP = 8  # images per upsample+blur call
@@ -587,6 +588,14 @@ class MuSc:
         self.batch_size = max(1, int(batch_size))
         self.seed = int(seed)
         self.last_info: dict[str, Any] = {}
+
+    @classmethod
+    def default_image_size(cls, backbone: str, config: dict[str, Any] | None = None) -> int | None:
+        """518 px for the official preset on ViT-L-14-336 (configs/musc.yaml ``img_resize``), else
+        None (the backbone's default size)."""
+        if (config or {}).get("preset") == "official" and backbone == "clip/ViT-L-14-336":
+            return OFFICIAL_IMAGE_SIZE
+        return None
 
     # -- protocol ----------------------------------------------------------------------------
     def fit(self, images: Tensor | None = None) -> MuSc:
