@@ -610,8 +610,10 @@ class ProductRegistry:
         from .synth.severity import draw_severities
 
         gen = _resolve(None) if gen is None else gen
+        # separate streams: the held-out normal views do not depend on the generator or on n_synthetic
         rng = np.random.default_rng(seed)
-        all_sev = draw_severities(n_synthetic, rng, None)
+        rng_def = np.random.default_rng([seed, 1])
+        all_sev = draw_severities(n_synthetic, rng_def, None)
         k = len(shots)
         folds = list(range(min(k, MAX_FOLDS)))
         per_fold = [n_synthetic // len(folds) + (1 if i < n_synthetic % len(folds) else 0) for i in range(len(folds))]
@@ -630,7 +632,7 @@ class ProductRegistry:
                 [augmented_view(shots[i], rng) for _ in range(N_VIEWS)]
             sev = all_sev[len(severities):len(severities) + n_def]
             severities += [float(v) for v in sev]
-            queries_defect = [img for img, _ in generate_defects([shots[i]], n_def, rng, gen, severity=sev)] \
+            queries_defect = [img for img, _ in generate_defects([shots[i]], n_def, rng_def, gen, severity=sev)] \
                 if n_def else []
             made += n_def
             _report(progress, "generated defects", made, n_synthetic)

@@ -1,6 +1,6 @@
 """`inspector synth`: train the diffusion defect generator, generate defects, build sample products.
 
-    inspector synth train --defects DIR [--masks DIR] --out models/synth/NAME
+    inspector synth train --defects DIR [--masks DIR] --out models/synth/NAME [--fresh]
     inspector synth generate --normal DIR --n 100 --out DIR [--model PATH | --fallback] [--seed S]
     inspector synth product brick|gravel|grass|textile [--root DIR]
 """
@@ -20,9 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = ss.add_parser("train", help="train the two-stage diffusion defect generator on a few defect images")
     t.add_argument("--defects", required=True,
-                   help="MVTec-layout folder (masked test/<type> are used) or a folder of defect images")
-    t.add_argument("--masks", help="mask folder (<stem>_mask.png or <stem>.png) when --defects is a plain folder")
+                   help="5-20 real defect images: a plain folder, or an MVTec-layout folder (its test/<type> defects)")
+    t.add_argument("--masks", help="mask folder (<stem>_mask.png or <stem>.png); images without a mask get an "
+                                   "estimated one")
+    t.add_argument("--types", nargs="+", help="MVTec folder: only these defect types")
     t.add_argument("--out", required=True, help="output model folder, e.g. models/synth/brick")
+    t.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out and start over")
+    t.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     t.add_argument("--steps", type=int, help="training steps per model (default: 800 on CPU, 4000 on CUDA)")
     t.add_argument("--patch", type=int, help="patch side (default 64)")
     t.add_argument("--image-size", type=int, help="resize defect images to this short side (default 256; 0 = as-is)")
@@ -63,8 +67,17 @@ def run_train(args: argparse.Namespace) -> int:
     from ..cli import CommandError
     from ..synth.diffusion import DefectGen, DefectGenConfig, default_device, load_defect_pairs
 
-    pairs = load_defect_pairs(args.defects, args.masks)
     device = args.device or default_device()
+    report: dict = {}
+    try:
+        pairs = load_defect_pairs(args.defects, args.masks, types=args.types, report=report)
+    except FileNotFoundError as exc:
+        raise CommandError(str(exc), 2) from exc
+    print(f"defect images: {report['given']} with masks, {report['estimated']} with estimated masks"
+          + (f", {report['dropped_empty']} dropped (no defect found)" if report["dropped_empty"] else ""))
+    if not 5 <= len(pairs) <= 20:
+        print(f"note: {len(pairs)} defect images; the generator is designed for 5-20 "
+              f"({'fewer give little variety' if len(pairs) < 5 else 'more are fine but slower to use'})")
     kw = {k: v for k, v in dict(train_steps=args.steps, patch=args.patch, switch_t=args.switch_t,
                                 batch_size=args.batch_size, seed=args.seed).items() if v is not None}
     if args.image_size is not None:
@@ -75,15 +88,25 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"training on {len(pairs)} defect images, patch {cfg.patch}, switch t={cfg.switch_t}, "
           f"{cfg.train_steps} steps per model, device {device}")
     gen = DefectGen(cfg, device=device)
+    ckpt = Path(args.out) / "checkpoint.pt"
+    if args.fresh:
+        ckpt.unlink(missing_ok=True)
+    elif ckpt.is_file():
+        print(f"resuming from {ckpt} (when it matches this config and data; --fresh to start over)")
     t0 = time.perf_counter()
-    hist = gen.fit([p[0] for p in pairs], [p[1] for p in pairs], progress=True)
+    hist = gen.fit([p[0] for p in pairs], [p[1] for p in pairs], progress=True, checkpoint=ckpt,
+                   checkpoint_every=max(1, args.checkpoint_every))
     out = gen.save(args.out)
     secs = time.perf_counter() - t0
+    meta_file = out / "defectgen.json"
+    meta = json.loads(meta_file.read_text())
+    meta["training"] = {"seconds": round(secs, 1), "device": str(device), "images": len(pairs), **report}
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
     for name, losses in hist.items():
         k = max(1, len(losses) // 10)
         print(f"  {name:5s} ({gen.parameters_count[name]:,} params): loss {sum(losses[:k]) / k:.4f} -> "
               f"{sum(losses[-k:]) / k:.4f}")
-    print(f"saved {out} in {secs:.1f} s")
+    print(f"saved {out} (version {gen.version}) in {secs:.1f} s")
     return 0
 
 

@@ -189,41 +189,71 @@ def _resize_pair(img: np.ndarray, mask: np.ndarray, short: int | None, patch: in
     return img, mask > 0
 
 
-def load_defect_pairs(defects: str | os.PathLike, masks: str | os.PathLike | None = None):
-    """``[(rgb, mask bool)]`` from an MVTec-layout folder (all masked ``test/<type>``), or a
-    folder of images with masks in ``masks`` named ``<stem>_mask.png`` / ``<stem>.png``."""
+def load_defect_images(defects: str | os.PathLike, masks: str | os.PathLike | None = None,
+                       types: Sequence[str] | None = None):
+    """``[(rgb, mask bool or None)]`` and the normal images' paths.
+
+    ``defects``: an MVTec-layout folder (``test/<type>`` for every type but ``good``, or only
+    ``types``; masks from ``ground_truth/<type>`` where present; normals from ``train/good``) or a
+    plain folder of defect images with masks in ``masks`` (``<stem>_mask.png`` / ``<stem>.png``;
+    an image without one gets None)."""
     from ..io import is_image_file, read_image
     from .mvtec import read_mvtec
 
     root = Path(defects)
-    pairs: list[tuple[Path, Path]] = []
+    pairs: list[tuple[Path, Path | None]] = []
+    normals: list[Path] = []
     if masks is None and (root / "test").is_dir():
         info = read_mvtec(root)
-        for t in info.masked_types:
-            pairs += list(zip(info.defects[t], info.masks[t]))
-        if not pairs:
-            raise FileNotFoundError(f"{root}: no defect type with ground_truth masks")
+        normals = list(info.train_good)
+        chosen = list(types) if types else info.defect_types
+        unknown = [t for t in chosen if t not in info.defect_types]
+        if unknown:
+            raise FileNotFoundError(f"{root}: no defect type {unknown} (has {info.defect_types})")
+        for t in chosen:
+            ms = info.masks.get(t) or [None] * len(info.defects[t])
+            pairs += list(zip(info.defects[t], ms))
     else:
-        if masks is None:
-            raise FileNotFoundError(f"{root}: not an MVTec-layout folder; pass --masks DIR")
-        mdir = Path(masks)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: not a folder")
+        mdir = Path(masks) if masks else None
         for p in sorted(q for q in root.iterdir() if q.is_file() and is_image_file(q)):
             cands = [mdir / f"{p.stem}_mask.png", mdir / f"{p.stem}.png", mdir / f"{p.stem}_mask{p.suffix}",
-                     mdir / p.name]
-            m = next((c for c in cands if c.is_file()), None)
-            if m is None:
-                raise FileNotFoundError(f"no mask for {p.name} in {mdir}")
-            pairs.append((p, m))
+                     mdir / p.name] if mdir else []
+            pairs.append((p, next((c for c in cands if c.is_file()), None)))
+    if not pairs:
+        raise FileNotFoundError(f"{root}: no defect images")
     out = []
     for ip, mp in pairs:
         img = read_image(ip)
-        m = read_image(mp)[..., 0] > 127
-        if m.shape != img.shape[:2]:
-            m = cv2.resize(m.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
-        if m.any():
-            out.append((img, m))
+        m = None
+        if mp is not None:
+            m = read_image(mp)[..., 0] > 127
+            if m.shape != img.shape[:2]:
+                m = cv2.resize(m.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+        out.append((img, m))
+    return out, normals
+
+
+def load_defect_pairs(defects: str | os.PathLike, masks: str | os.PathLike | None = None, *,
+                      types: Sequence[str] | None = None, report: dict | None = None):
+    """``[(rgb, mask bool)]`` for training: given masks where there are any, estimated masks
+    (:func:`inspector.synth.estimate.estimate_mask_self`) for the rest; images whose mask is
+    empty are dropped. ``report`` (a dict) receives the counts ``given``, ``estimated``,
+    ``dropped_empty``."""
+    from .estimate import estimate_masks
+
+    items, _ = load_defect_images(defects, masks, types)
+    missing = [i for i, (_, m) in enumerate(items) if m is None]
+    if missing:
+        est = estimate_masks([items[i][0] for i in missing])
+        for i, m in zip(missing, est):
+            items[i] = (items[i][0], m)
+    out = [(img, m) for img, m in items if m is not None and m.any()]
+    if report is not None:
+        report.update(given=len(items) - len(missing), estimated=len(missing), dropped_empty=len(items) - len(out))
     if not out:
-        raise FileNotFoundError(f"{root}: no defect image with a non-empty mask")
+        raise FileNotFoundError(f"{defects}: no defect image with a non-empty (given or estimated) mask")
     return out
 
 
@@ -337,9 +367,14 @@ class DefectGen:
         return (err.mean(dim=(0, 2, 3)) * w).sum() / w.sum()
 
     def fit(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *, steps: int | None = None,
-            progress: bool = True) -> dict[str, list[float]]:
+            progress: bool = True, checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
+            callback=None) -> dict[str, list[float]]:
         """Train both UNets on patch crops of ``images`` (RGB uint8) around ``masks`` (HxW).
 
+        ``checkpoint``: a file written every ``checkpoint_every`` steps (weights, optimiser, LR
+        schedule, both random streams, losses); when it exists and was made for the same config
+        and data, training resumes from it and ends exactly as an uninterrupted run would. It is
+        removed when training completes. ``callback(stage, step, loss)`` runs after every step.
         Returns (and keeps in ``history``) the per-step losses of each model.
         """
         from tqdm.auto import tqdm
@@ -357,14 +392,34 @@ class DefectGen:
         steps = int(steps or c.train_steps)
         rng = np.random.default_rng(c.seed)
         g = torch.Generator(self.device).manual_seed(c.seed)
+        ckpt = Path(checkpoint) if checkpoint else None
+        key = _fit_key(c, steps, rgb, masks)
+        resume = _load_checkpoint(ckpt, key, self.device) if ckpt else None
+        self.history = {}
         for name, model in (("large", self.large), ("small", self.small)):
             lo, hi = self._t_range(name == "large")
-            model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=1e-4)
             lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps))
-            losses = []
-            bar = tqdm(range(steps), desc=f"train {name} (t {lo}-{hi - 1})", disable=not progress, leave=False)
-            for _ in bar:
+            losses: list[float] = []
+            done = 0
+            if resume is not None:
+                model.load_state_dict(resume["models"][name])
+                if resume["stage"] == name:
+                    opt.load_state_dict(resume["opt"])
+                    lr_sched.load_state_dict(resume["lr"])
+                    done = int(resume["step"])
+                    rng.bit_generator.state = json.loads(resume["np_rng"])
+                    g.set_state(resume["torch_rng"].cpu())
+                    losses = list(resume["history"].get(name, []))
+                    self.history = {k: list(v) for k, v in resume["history"].items() if k != name}
+                    resume = None
+                else:  # the checkpoint is past this stage: it is finished
+                    losses = list(resume["history"].get(name, []))
+                    done = steps
+            model.train()
+            bar = tqdm(range(done, steps), desc=f"train {name} (t {lo}-{hi - 1})", disable=not progress, leave=False,
+                       initial=done, total=steps)
+            for i in bar:
                 x0 = sampler(c.batch_size, rng)
                 t = torch.randint(lo, hi, (x0.shape[0],), generator=g, device=self.device)
                 noise = torch.randn(x0.shape, generator=g, device=self.device)
@@ -377,8 +432,15 @@ class DefectGen:
                 losses.append(float(loss.detach()))
                 if len(losses) % 10 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+                if ckpt and ((i + 1) % checkpoint_every == 0 or i + 1 == steps):
+                    hist = {**self.history, name: losses}
+                    _save_checkpoint(ckpt, key, name, i + 1, self, opt, lr_sched, rng, g, hist)
+                if callback is not None:
+                    callback(name, i + 1, losses[-1])
             model.eval()
             self.history[name] = losses
+        if ckpt:
+            ckpt.unlink(missing_ok=True)
         self._sampler = sampler
         return self.history
 
@@ -619,6 +681,41 @@ class DefectGen:
         return gen
 
 
+def _fit_key(cfg: DefectGenConfig, steps: int, images, masks) -> str:
+    """Identity of a training run: config, step count and the training data."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps({**cfg.to_dict(), "steps": steps}, sort_keys=True).encode())
+    for i, m in zip(images, masks):
+        h.update(np.ascontiguousarray(i).tobytes())
+        h.update(np.packbits(np.asarray(m, bool)).tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, key: str, stage: str, step: int, gen: DefectGen, opt, lr_sched,
+                     rng: np.random.Generator, g: torch.Generator, history: dict) -> None:
+    """Atomic write (tmp + rename) of everything needed to resume exactly."""
+    state = {"key": key, "stage": stage, "step": step,
+             "models": {"large": gen.large.state_dict(), "small": gen.small.state_dict()},
+             "opt": opt.state_dict(), "lr": lr_sched.state_dict(),
+             "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": g.get_state(), "history": history}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, key: str, device) -> dict | None:
+    """The checkpoint's state when it belongs to this run (same config and data), else None."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)  # tensors and plain data only
+    except Exception:  # noqa: BLE001 - a torn or foreign file: start over
+        return None
+    return state if state.get("key") == key else None
+
+
 def _warmup_cosine(steps: int):
     warm = max(1, min(50, steps // 10))
 
@@ -707,5 +804,5 @@ def train_defectgen(images, masks, config: DefectGenConfig | None = None, *, dev
     return gen
 
 
-__all__ = ["DefectGen", "DefectGenConfig", "changed_pixels", "load_defect_pairs", "mask_iou", "receptive_field",
-           "train_defectgen"]
+__all__ = ["DefectGen", "DefectGenConfig", "changed_pixels", "load_defect_images", "load_defect_pairs", "mask_iou",
+           "receptive_field", "train_defectgen"]
