@@ -187,19 +187,21 @@ def test_diffusion_two_stage_receptive_fields():
     assert gen._model_at(999, 400) is gen.large and gen._model_at(399, 400) is gen.small
 
 
-def test_diffusion_masks_exact_and_deterministic(tiny_gen, images):
-    gen, _, _ = tiny_gen
-    normals = [images[0], images[1]]
-    start = gen.stats["diffusion"] + gen.stats["fallback"]
+def test_diffusion_masks_exact_and_deterministic(disc_gen):
+    gen = disc_gen
+    normals = [_flat(200 + i) for i in range(4)]
+    start = dict(gen.stats)
     a = gen.make_defects(normals, np.random.default_rng(5))
     b = gen.make_defects(normals, np.random.default_rng(5))
     for (oa, ma), (ob, mb), src in zip(a, b, normals):
         _check_pair(src, oa, ma)
         np.testing.assert_array_equal(oa, ob)
         np.testing.assert_array_equal(ma, mb)
-    one = gen.make_defect(images[0], np.random.default_rng(1))
-    _check_pair(images[0], *one)
-    assert gen.stats["diffusion"] + gen.stats["fallback"] - start == 5
+    one = gen.make_defect(normals[0], np.random.default_rng(1))
+    _check_pair(normals[0], *one)
+    made = gen.stats["diffusion"] - start["diffusion"]
+    assert made > 0, gen.stats                       # the diffusion model itself made defects
+    assert made + gen.stats["fallback"] - start["fallback"] == 9
 
 
 def test_diffusion_falls_back_when_mask_empty(tiny_gen, images):
@@ -232,10 +234,20 @@ def test_diffusion_save_load_round_trip(tiny_gen, images, tmp_path):
         _check_pair(images[0], out, mask)
 
 
-def test_unconditional_sample_shape(tiny_gen):
-    gen, _, _ = tiny_gen
-    x = gen.sample(n=2, seed=0)
-    assert tuple(x.shape) == (2, 4, 32, 32) and float(x.abs().max()) <= 1.0
+def test_unconditional_samples_look_like_the_training_defects(disc_gen):
+    """Unconditional samples of the disc model: a mask blob that covers part of the patch, darker
+    inside than outside (the training defects are dark discs), reproducible from the seed."""
+    x = disc_gen.sample(n=6, seed=0)
+    assert tuple(x.shape) == (6, 4, 32, 32)
+    np.testing.assert_array_equal(x.numpy(), disc_gen.sample(n=6, seed=0).numpy())
+    m = x[:, 3] > 0
+    frac = m.float().mean(dim=(1, 2))
+    ok = (frac > 0.02) & (frac < 0.7)
+    assert int(ok.sum()) >= 3, frac
+    lum = x[:, :3].mean(1)
+    inside = [float(lum[i][m[i]].mean()) for i in range(6) if ok[i]]
+    outside = [float(lum[i][~m[i]].mean()) for i in range(6) if ok[i]]
+    assert np.mean(inside) < np.mean(outside) - 0.3, (inside, outside)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -297,3 +309,330 @@ def test_diffusion_working_scale_fits_defects_in_a_patch():
     assert _fit_scale([img] * 3, [big] * 3, cfg) == round(0.6 * 64 / (100 / 256))
     assert _fit_scale([img], [small], cfg) == 256            # never above image_size
     assert _fit_scale([img], [np.ones((256, 256), bool)], cfg) == 64   # never below the patch
+
+
+# ----------------------------------------------------------------------------- severity
+
+def test_draw_severities_stratified_and_checked():
+    from inspector.synth.severity import draw_severities, severity_params
+
+    v = draw_severities(12, np.random.default_rng(0))
+    assert sorted(np.floor(v * 12).astype(int).tolist()) == list(range(12))   # one per twelfth
+    assert (draw_severities(3, np.random.default_rng(0), 0.4) == 0.4).all()
+    with pytest.raises(ValueError):
+        draw_severities(2, np.random.default_rng(0), [0.1, 1.5])
+    with pytest.raises(ValueError):
+        draw_severities(3, np.random.default_rng(0), [0.1, 0.2])
+    with pytest.raises(ValueError):
+        severity_params(-0.1)
+    a, b = severity_params(0.0), severity_params(1.0)
+    assert a["area"][1] < b["area"][0] and a["strength"] < b["strength"]
+
+
+def test_fallback_severity_sets_size_and_contrast(images):
+    area, change = {}, {}
+    for s in (0.05, 0.5, 0.95):
+        pairs = generate_defects(images[:2], 12, rng=1, severity=s)
+        assert all(m.any() for _, m in pairs)
+        area[s] = np.mean([m.mean() for _, m in pairs])
+        # mean absolute change inside the mask, on the brick image only (same source every time)
+        brick_pairs = generate_defects(images[:1], 12, rng=2, severity=s)
+        change[s] = np.mean([np.abs(o.astype(int) - images[0])[m.astype(bool)].mean() for o, m in brick_pairs])
+    assert area[0.05] < area[0.5] < area[0.95], area
+    assert change[0.05] < change[0.5] < change[0.95], change
+
+
+def test_severity_monotone_in_detector_score(lite0, brick_crops):
+    """On a fixed product (GraphCore on 4 brick shots), weight-free defects of higher severity get
+    higher mean scores: the severity axis is an axis of difficulty for the detector."""
+    from inspector.detectors.base import detector_class
+
+    crops = brick_crops(12, 128, seed=3)
+    det = detector_class("graphcore")(lite0).fit(lite0.preprocess(crops[:4]))
+    means = []
+    for s in (0.05, 0.5, 0.95):
+        pairs = generate_defects(crops[4:], 12, rng=7, severity=s)
+        means.append(float(det.score(lite0.preprocess([p[0] for p in pairs])).scores.mean()))
+    normal = float(det.score(lite0.preprocess(crops[4:])).scores.mean())
+    assert normal < means[0] < means[1] < means[2], (normal, means)
+
+
+def test_severity_bands_and_markdown():
+    from inspector.synth.severity import severity_bands, severity_markdown
+
+    sev = [0.1, 0.2, 0.5, 0.9, 0.95]
+    scores = [1.0, 3.0, 2.0, 5.0, 6.0]
+    bands = severity_bands(sev, scores, ok_below=2.5, ng_above=5.5)
+    assert [b["n"] for b in bands] == [2, 1, 2]
+    assert bands[0]["passed_ok"] == 0.5 and bands[1]["passed_ok"] == 1.0 and bands[2]["passed_ok"] == 0.0
+    assert bands[2]["not_ng"] == 0.5
+    md = severity_markdown({"defect_severity": sev, "defect_scores": scores}, 2.5, 5.5)
+    assert "| faint (severity 0.00-0.33) | 2 | 50% | 100% |" in md
+    assert severity_markdown({}, 1, 2) == ""
+
+
+# ----------------------------------------------------------------------------- diffusion: real defects
+
+def _flat(seed: int, size: int = 64) -> np.ndarray:
+    """A flat, lightly textured gray product (the disc generator's normal images)."""
+    r = np.random.default_rng(seed)
+    g = cv2.GaussianBlur(np.clip(150 + r.normal(0, 6, (size, size)), 0, 255), (0, 0), 1.0)
+    return np.repeat(g[..., None], 3, 2).astype(np.uint8)
+
+
+def _disc_defects(n: int = 6):
+    rng = np.random.default_rng(0)
+    ims, ms = [], []
+    for i in range(n):
+        img, m = _flat(i).copy(), np.zeros((64, 64), np.uint8)
+        cv2.circle(m, (int(rng.integers(20, 44)), int(rng.integers(20, 44))), int(rng.integers(6, 10)), 1, -1)
+        img[m > 0] = (img[m > 0] * 0.3).astype(np.uint8)
+        ims.append(img)
+        ms.append(m)
+    return ims, ms
+
+
+@pytest.fixture(scope="module")
+def disc_gen():
+    """A tiny generator trained (150 steps, ~10-30 s on one thread) on six dark discs: an easy
+    defect it really learns, so its samples pass the mask-vs-change check."""
+    import torch
+
+    from inspector.synth.diffusion import DefectGen, DefectGenConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ims, ms = _disc_defects()
+    gen = DefectGen(DefectGenConfig.tiny(train_steps=150), device="cpu")
+    gen.fit(ims, ms, progress=False)
+    yield gen
+    torch.set_num_threads(threads)
+
+
+def _raw_ious(gen, n: int = 12) -> list[float]:
+    import torch
+
+    from inspector.synth.diffusion import changed_pixels, mask_iou
+
+    p = gen.config.patch
+    rng = np.random.default_rng(4)
+    crop = _flat(300)[:p, :p]
+    known = torch.cat([torch.from_numpy(crop).permute(2, 0, 1).float() / 127.5 - 1, -torch.ones(1, p, p)])
+    regs = [gen._region(rng) for _ in range(n)]
+    x = gen.sample(known[None].repeat(n, 1, 1, 1), torch.from_numpy(np.stack(regs)[:, None].astype(np.float32)), seed=3)
+    out = []
+    for k in range(n):
+        rgb = (x[k, :3].permute(1, 2, 0).numpy() + 1) * 127.5
+        r = regs[k] > 0
+        out.append(mask_iou((x[k, 3].numpy() > 0) & r, changed_pixels(rgb, crop.astype(np.float32), r)))
+    return out
+
+
+@pytest.mark.slow
+def test_trained_generator_makes_diffusion_defects_untrained_does_not(disc_gen):
+    """The mask-vs-change check separates a trained model from an untrained one: the trained
+    model's mask channel agrees with where it changed the image (median IoU above 0.6, the
+    acceptance threshold is 0.55) and most of its samples are accepted as diffusion defects;
+    an untrained model's samples (noise over the whole region, mask on part of it) are not."""
+    from inspector.synth.diffusion import DefectGen, DefectGenConfig
+
+    normals = [_flat(100 + i) for i in range(8)]
+    ious = _raw_ious(disc_gen)
+    assert np.median(ious) > 0.6, ious
+    before = dict(disc_gen.stats)
+    out = disc_gen.make_defects(normals, np.random.default_rng(1))
+    made = disc_gen.stats["diffusion"] - before["diffusion"]
+    assert made > 0 and made >= len(normals) // 2, disc_gen.stats
+    # the accepted defects are the learned ones: dark blobs on the gray product
+    dark = [float(o[m.astype(bool)].mean()) < float(src.mean()) - 20 for (o, m), src in zip(out, normals)]
+    assert sum(dark) >= made // 2, dark
+
+    untrained = DefectGen(DefectGenConfig.tiny(), device="cpu")
+    assert np.median(_raw_ious(untrained)) < disc_gen.config.min_mask_iou
+    untrained.make_defects(normals, np.random.default_rng(1))
+    assert untrained.stats["diffusion"] < made, untrained.stats
+    assert untrained.stats["rejected_iou"] + untrained.stats["rejected_empty"] > 0
+
+
+def test_sample_rejected_when_mask_channel_disagrees_with_change(disc_gen):
+    import torch
+
+    gen = disc_gen
+    p = gen.config.patch
+    crop = _flat(7)[:p, :p]
+    known = torch.cat([torch.from_numpy(crop).permute(2, 0, 1).float() / 127.5 - 1, -torch.ones(1, p, p)])
+    reg = np.zeros((p, p), np.uint8)
+    cv2.circle(reg, (p // 2, p // 2), p // 2 - 1, 1, -1)
+    dark = np.zeros((p, p), bool)
+    dark[6:20, 6:20] = True                       # where the image changes (generated-region sized)
+    elsewhere = np.zeros((p, p), bool)
+    elsewhere[14:28, 14:28] = True                # where the mask channel says the defect is
+    img = known.clone()
+    img[:3, torch.from_numpy(dark)] = -0.8
+    for mask, accepted in ((dark, True), (elsewhere, False)):
+        g = img.clone()
+        g[3] = torch.from_numpy(np.where(mask, 1.0, -1.0).astype(np.float32))
+        before = gen.stats["rejected_iou"]
+        res = gen._compose(crop, g, reg, 0, 0, p, known=known)
+        assert (res is not None) == accepted
+        assert gen.stats["rejected_iou"] == before + (0 if accepted else 1)
+
+
+def test_changed_pixels_and_iou_against_brute_force():
+    from inspector.synth.diffusion import changed_pixels, mask_iou
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a, b = rng.random((20, 30)) > 0.6, rng.random((20, 30)) > 0.5
+        brute = sum(x and y for x, y in zip(a.ravel(), b.ravel())) / sum(x or y for x, y in zip(a.ravel(), b.ravel()))
+        assert mask_iou(a, b) == pytest.approx(brute)
+    assert mask_iou(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == 0.0
+    # a re-drawn texture of the same statistics is not a change; a dark disc is
+    base = _flat(1).astype(np.float32)
+    redrawn = _flat(2).astype(np.float32)
+    region = np.ones((64, 64), bool)
+    assert changed_pixels(redrawn, base, region).mean() < 0.05
+    disc = np.zeros((64, 64), np.uint8)
+    cv2.circle(disc, (32, 32), 10, 1, -1)
+    dark = base.copy()
+    dark[disc > 0] *= 0.3
+    assert mask_iou(changed_pixels(dark, base, region), disc > 0) > 0.7
+
+
+def test_diffusion_severity_sets_size_and_contrast(disc_gen):
+    normals = [_flat(400 + i) for i in range(8)]
+    res = {}
+    for s in (0.1, 0.9):
+        out = disc_gen.make_defects(normals, np.random.default_rng(2), severity=s)
+        res[s] = (np.mean([m.mean() for _, m in out]),
+                  np.mean([np.abs(o.astype(int) - n)[m.astype(bool)].mean() for (o, m), n in zip(out, normals)]))
+    assert res[0.1][0] < res[0.9][0] and res[0.1][1] < res[0.9][1], res
+
+
+def test_training_resumes_exactly_from_checkpoint(tmp_path, images):
+    import torch
+
+    from inspector.synth.diffusion import DefectGen, DefectGenConfig
+
+    ims, ms = _disc_defects(3)
+    cfg = lambda: DefectGenConfig.tiny(train_steps=10)  # noqa: E731
+    ref = DefectGen(cfg(), device="cpu")
+    ref.fit(ims, ms, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(stage, step, loss):
+        if stage == "small" and step == 5:
+            raise Interrupt
+
+    ckpt = tmp_path / "ck.pt"
+    with pytest.raises(Interrupt):
+        DefectGen(cfg(), device="cpu").fit(ims, ms, progress=False, checkpoint=ckpt, checkpoint_every=2,
+                                           callback=stop)
+    assert ckpt.is_file()
+    resumed = DefectGen(cfg(), device="cpu")
+    seen = []
+    resumed.fit(ims, ms, progress=False, checkpoint=ckpt, checkpoint_every=2,
+                callback=lambda stage, step, loss: seen.append((stage, step)))
+    assert seen[0] == ("small", 5) and not ckpt.exists()   # large was not retrained
+    for name in ("large", "small"):
+        a, b = getattr(ref, name).state_dict(), getattr(resumed, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert ref.history[name] == resumed.history[name]
+    # a checkpoint of another config is ignored (training starts over)
+    torch.save({"key": "other"}, ckpt)
+    seen.clear()
+    DefectGen(cfg(), device="cpu").fit(ims, ms, progress=False, checkpoint=ckpt,
+                                       callback=lambda stage, step, loss: seen.append((stage, step)))
+    assert seen[0] == ("large", 1)
+
+
+def test_estimated_masks_match_the_textile_estimator():
+    from inspector.datasets import textile_local_defects
+    from inspector.synth.diffusion import mask_iou
+    from inspector.synth.estimate import estimate_mask_self
+
+    pairs = textile_local_defects(6)
+    ious = [mask_iou(estimate_mask_self(img), m) for img, m in pairs]
+    assert min(ious) > 0.5, ious
+    assert not estimate_mask_self(_flat(3)).any()     # nothing stands out: no mask
+
+
+def test_cli_train_without_masks_estimates_them(tmp_path, capsys):
+    from inspector.cli import main
+    from inspector.datasets import textile_local_defects
+
+    folder = tmp_path / "defects"
+    folder.mkdir()
+    for i, (img, _) in enumerate(textile_local_defects(5, size=96)):
+        cv2.imwrite(str(folder / f"d{i}.png"), img[..., ::-1])
+    model = tmp_path / "model"
+    assert main(["synth", "train", "--defects", str(folder), "--out", str(model), "--tiny", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "0 with masks, 5 with estimated masks" in out
+    import json
+
+    meta = json.loads((model / "defectgen.json").read_text())
+    assert meta["training"]["estimated"] == 5 and meta["training"]["seconds"] > 0
+
+
+# ----------------------------------------------------------------------------- products
+
+def test_product_calibrated_with_generator_records_it(tmp_path, disc_gen, tiny_cnn):
+    from inspector.products import ProductRegistry
+    from inspector.synth import describe_generator
+
+    path = disc_gen.save(tmp_path / "models" / "discs")
+    reg = ProductRegistry(tmp_path / "products")
+    shots = [_flat(500 + i) for i in range(3)]
+    prod = reg.register("p", shots, detector="patchcore", backbone="tiny-cnn", n_synthetic=6, generator=str(path))
+    g = prod.registration["generator"]
+    assert g["kind"] == "diffusion" and g["name"] == "discs" and g["path"] == str(path)
+    assert g["version"] == disc_gen.version == describe_generator(str(path))["version"]
+    cal = prod.calibration
+    assert len(cal["defect_severity"]) == len(cal["defect_scores"]) == 6
+    assert sum(b["n"] for b in cal["severity_bands"]) == 6
+    plain = reg.register("q", shots, detector="patchcore", backbone="tiny-cnn", n_synthetic=6)
+    assert plain.registration["generator"]["kind"] == "fallback"
+    assert plain.calibration["normal_scores"] == cal["normal_scores"]   # normals independent of the generator
+    assert plain.calibration["defect_scores"] != cal["defect_scores"]
+    # a retrained model is a new version
+    disc_gen.large.conv_in.bias.data += 0.01
+    try:
+        assert disc_gen.version != g["version"]
+    finally:
+        disc_gen.large.conv_in.bias.data -= 0.01
+
+
+def test_registration_passes_generator_to_a_fit_that_takes_one(tmp_path, tiny_cnn, images):
+    """A detector whose ``fit`` accepts ``generator`` receives the registration's generator (and
+    trains on its defects); one whose ``fit`` does not is fitted as before."""
+    from inspector.detectors.base import detector_class
+    from inspector.products import _fit
+
+    base = detector_class("patchcore")
+    seen = []
+
+    class Learns(base):
+        def fit(self, images, *, generator=None):
+            seen.append(generator)
+            pairs = generate_defects([images[0].permute(1, 2, 0).mul(40).add(128).clamp(0, 255).byte().numpy()],
+                                     2, 0, generator)
+            assert all(m.any() for _, m in pairs)
+            return super().fit(images)
+
+    x = tiny_cnn.preprocess([images[0], images[0]])
+    _fit(Learns(tiny_cnn), x, "scar")
+    _fit(Learns(tiny_cnn), x, None)
+    assert seen == ["scar", None]
+    assert _fit(base(tiny_cnn), x, "scar").memory is not None
+
+
+def test_cli_register_rejects_missing_generator(tmp_path):
+    from inspector.cli import main
+
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), _flat(1))
+    assert main(["register", "p", str(img), "--generator", str(tmp_path / "nope"), "--backbone", "tiny-cnn",
+                 "--data-dir", str(tmp_path / "d")]) == 2
