@@ -110,9 +110,12 @@ def get_diffusion(name: str, train_pairs, args, log):
         try:
             gen = DefectGen.load(path, device=args.device)
             saved = json.loads((path / "defectgen.json").read_text())
-            if saved.get("bench", {}).get("n_train") == len(train_pairs) and gen.config.train_steps == cfg.train_steps:
+            # trained here, or by bench/synth_value.py / `synth train` on the same real defects
+            info = saved.get("bench") or {"n_train": saved.get("training", {}).get("images"),
+                                          "train_seconds": saved.get("training", {}).get("seconds")}
+            if info.get("n_train") == len(train_pairs) and gen.config.train_steps == cfg.train_steps:
                 log(f"  diffusion: reusing {path}")
-                return gen, saved.get("bench", {}).get("train_seconds")
+                return gen, info.get("train_seconds")
         except Exception as exc:  # noqa: BLE001 - retrain on any problem with the cache
             log(f"  diffusion: cache unusable ({exc}); retraining")
     gen = DefectGen(cfg, device=args.device)
@@ -151,6 +154,10 @@ def main() -> int:
     ap.add_argument("--train", type=int, default=8, help="real defects used to train the diffusion model (textile)")
     ap.add_argument("--real", type=int, default=32, help="real reference defects (textile)")
     ap.add_argument("--train-steps", type=int, default=800)
+    ap.add_argument("--model-name", action="append", default=None, metavar="PRODUCT=NAME",
+                    help="diffusion model folder name per product (default bench-<product>), e.g. textile=textile "
+                         "to reuse bench/synth_value.py's model")
+    ap.add_argument("--table", default=str(ROOT / "bench" / "SYNTH.md"))
     ap.add_argument("--model-dir", default=str(ROOT / "models" / "synth"))
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--skip-diffusion", action="store_true")
@@ -169,6 +176,7 @@ def main() -> int:
 
     console = Console(width=150)
     log = console.print
+    t_start = time.perf_counter()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     bb = load_backbone("efficientnet-lite0", device=args.device, image_size=96)
@@ -203,7 +211,9 @@ def main() -> int:
             normals, args.n, rng, lambda img, r, a=(lo, max(hi, lo * 1.5)): make_defect(img, r, area=a, min_mean_change=8.0))
         timing["fallback (area-matched)"] = (time.perf_counter() - t0) / args.n
         if not args.skip_diffusion:
-            gen, _ = get_diffusion(f"bench-{product}", train_pairs, args, log)
+            names = dict(x.split("=", 1) for x in (args.model_name or []))
+            gen, train_s = get_diffusion(names.get(product, f"bench-{product}"), train_pairs, args, log)
+            results.setdefault("train_seconds", {})[product] = train_s
             t0 = time.perf_counter()
             sets["diffusion"] = generate_defects(normals, args.n, rng, gen, progress=True)
             timing["diffusion"] = (time.perf_counter() - t0) / args.n
@@ -252,9 +262,37 @@ def main() -> int:
         table.add_section()
 
     console.print(table)
+    results["wall_s"] = time.perf_counter() - t_start
     (out_dir / "synth.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    md = render(results)
+    Path(args.table).write_text(md)
+    from bench._markdown import splice
+
+    splice(ROOT / "inspector" / "synth" / "README.md", "synth", md)
+    log(f"wrote {args.table} (and the table in inspector/synth/README.md)")
     log(f"wrote {out_dir / 'synth.json'} and example grids {out_dir}/synth_<product>.png (rows: real, then generators)")
     return 0
+
+
+def render(r: dict) -> str:
+    """Markdown of a ``synth.json`` (what inspector/synth/README.md quotes)."""
+    a = r["args"]
+    lines = [f"KID×100 and FD (↓) on EfficientNet-Lite0 features of square crops around each defect, against the "
+             f"reference defects; {r['device']}, {a['train_steps']} diffusion training steps per model, {a['n']} "
+             f"generated defects per row, seed {a['seed']}. Reproduce: `.venv/bin/python bench/synth.py`.", "",
+             "| product | set | n | FD | KID×100 | area % median [IQR] | KS(area) | s/defect |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p, res in r["products"].items():
+        for name, row in res["rows"].items():
+            ar = row.get("area")
+            area = f"{ar['median']:.2f} [{ar['q25']:.2f}-{ar['q75']:.2f}]" if ar else "-"
+            ks = f"{row['ks_area']:.2f}" if "ks_area" in row else "-"
+            sec = f"{row['seconds_per_defect']:.3f}" if "seconds_per_defect" in row else "-"
+            lines.append(f"| {p} | {name} | {row['n']} | {row['fd']:.2f} | {row['kid100']:.1f} | {area} | {ks} | {sec} |")
+        ra = res["reference_area"]
+        lines.append(f"| {p} | reference: {res['reference']} | {res['n_real']} | | | "
+                     f"{ra['median']:.2f} [{ra['q25']:.2f}-{ra['q75']:.2f}] | | |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

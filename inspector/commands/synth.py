@@ -1,7 +1,7 @@
 """`inspector synth`: train the diffusion defect generator, generate defects, build sample products.
 
     inspector synth train --defects DIR [--masks DIR] --out models/synth/NAME [--fresh]
-    inspector synth generate --normal DIR --n 100 --out DIR [--model PATH | --fallback] [--seed S]
+    inspector synth generate --normal DIR --n 100 --out DIR [--model PATH | --fallback] [--severity S] [--seed S]
     inspector synth product brick|gravel|grass|textile [--root DIR]
 """
 
@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--kind", default="any", choices=("any", "perlin", "cutpaste", "scar"),
                    help="fallback defect kind")
     g.add_argument("--type", default="synthetic", help="defect type name (test/<type>)")
+    g.add_argument("--severity", type=float, help="0 (barely visible) .. 1 (obvious); default: spread over 0-1")
     g.add_argument("--holdout", type=float, default=0.25, help="fraction of normal images kept for test/good")
     g.add_argument("--switch-t", type=int, help="override the model's switch timestep")
     g.add_argument("--device", help="cuda / cpu")
@@ -134,6 +135,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise CommandError("--n must be at least 1", 2)
+    if args.severity is not None and not 0 <= args.severity <= 1:
+        raise CommandError("--severity must be in [0, 1]", 2)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
@@ -152,7 +155,8 @@ def run_generate(args: argparse.Namespace) -> int:
         name = f"fallback ({args.kind})"
     t0 = time.perf_counter()
     summary = build_synthetic_product(paths, out, args.n, np.random.default_rng(args.seed), generator,
-                                      defect_type=args.type, holdout=args.holdout, progress=True)
+                                      defect_type=args.type, holdout=args.holdout, progress=True,
+                                      severity=args.severity)
     secs = time.perf_counter() - t0
     print(f"{name}: {args.n} defects from {len(paths)} normal images -> {out} in {secs:.1f} s")
     print(json.dumps(summary, indent=2))

@@ -89,7 +89,7 @@ def generate_defects(normal_images: Sequence[np.ndarray], n: int,
 def build_synthetic_product(normal: Sequence[str | os.PathLike | np.ndarray], out: str | os.PathLike, n: int,
                             rng: np.random.Generator | int | None = 0, generator: Any = None, *,
                             defect_type: str = "synthetic", holdout: float = 0.25,
-                            progress: bool = False) -> dict:
+                            progress: bool = False, severity: float | None = None) -> dict:
     """Write an MVTec-layout product from normal images plus ``n`` generated defects.
 
     A ``holdout`` fraction of the normal images (at least one when there are two or more) goes to
@@ -112,9 +112,10 @@ def build_synthetic_product(normal: Sequence[str | os.PathLike | np.ndarray], ou
     test_idx, train_idx = order[:k], order[k:]
     pool = [images[i] for i in test_idx] or images
     gen = _resolve(generator)
-    pairs = generate_defects(pool, n, rng, gen, progress=progress)
+    pairs = generate_defects(pool, n, rng, gen, progress=progress, severity=severity)
     write_mvtec(out, [images[i] for i in train_idx], [images[i] for i in test_idx], {defect_type: pairs})
     summary = {"generator": _describe(generator), "n": int(n), "defect_type": defect_type,
+               "severity": "spread 0-1" if severity is None else float(severity),
                "train/good": len(train_idx), "test/good": len(test_idx),
                "mask_area": {"mean": float(np.mean([m.mean() for _, m in pairs])),
                              "min": float(np.min([m.mean() for _, m in pairs])),
