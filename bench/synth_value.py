@@ -108,7 +108,7 @@ def load_product(name: str, shots: int):
     defects = {}
     for t in types:
         imgs = [read_image(p) for p in info.defects[t]]
-        if t in info.masks:
+        if info.masks.get(t) and all(m is not None for m in info.masks[t]):
             masks = [read_image(m)[..., 0] > 127 for m in info.masks[t]]
         elif t == "local":  # estimated masks for AUPRO (the source has none); never used for training
             masks = [estimate_local_mask(i) for i in imgs]
@@ -249,6 +249,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--table", default=str(ROOT / "bench" / "SYNTH_VALUE.md"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the products (and diffusion cost) of an earlier synth_value.json that this run does "
+                         "not measure (run the products in several sessions)")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -292,6 +295,15 @@ def main() -> int:
                              "parameters": sum(diffusion.parameters_count.values())}
     results["cost"] = cost
     results["wall_s"] = time.perf_counter() - t_start
+    old_file = out_dir / "synth_value.json"
+    if args.merge and old_file.is_file():
+        old = json.loads(old_file.read_text())
+        results["products"] = {**{k: v for k, v in old.get("products", {}).items() if k not in results["products"]},
+                               **results["products"]}
+        for k, v in old.get("cost", {}).items():
+            results["cost"].setdefault(k, v)
+        results.setdefault("diffusion_training", old.get("diffusion_training"))
+        results["wall_s"] += old.get("wall_s", 0.0)
     results["cpu_s"] = time.process_time() - cpu_start
     results["environment"] = {"device": args.device, "cpu": platform.processor() or platform.machine(),
                               "threads": torch.get_num_threads(), "torch": torch.__version__,
