@@ -10,7 +10,10 @@
 * **Batches on the device.** Good images are scored ``batch_size`` at a time (one backbone pass).
 * **Every file gets a row.** A file that cannot be read (corrupt, empty, not an image, above the
   pixel limit...) is recorded with verdict ``ERROR`` and the :class:`~inspector.io.ImageError`
-  reason; the batch goes on. Hidden files (``.name``) are skipped.
+  reason; the batch goes on. So is every other entry of the walk: link loops, dangling links,
+  links to folders (not followed), FIFOs, folders that cannot be listed, and (with ``roots``)
+  links leading out of the allowed folders. Names are stored losslessly, whatever their bytes
+  (:mod:`inspector.paths`). Hidden files (``.name``) are skipped.
 * **Resumable, exactly once.** The batch id is a hash of (folder, product, product version).
   Rows are committed one mini-batch per transaction (after that mini-batch's heatmap PNGs are on
   disk; they are written while the model scores the next mini-batch), and on a rerun every file already recorded

@@ -630,3 +630,19 @@ def test_stale_tmp_files_are_cleaned_when_the_registry_opens(station):
     assert fresh_export.exists() and not trash.exists()
     assert reg.get("brick").inspect(np.zeros((64, 64, 3), np.uint8))  # the product itself is intact
     shutil.rmtree(d / "onnx")
+
+
+def test_station_batch_never_reads_through_a_link_out_of_the_roots(served, station, brick):
+    """The issue's probe: a link inside an allowed root to the station's database was followed and
+    the database's sha256 stored. Now the row says why, and nothing of the file is read."""
+    app, url, allowed, _ = served
+    folder = allowed / "links"
+    folder.mkdir()
+    write_image(folder / "good.png", _crop(brick, np.random.default_rng(40)))
+    os.symlink((station.data_dir / "inspector.db").resolve(), folder / "db.png")
+    _client(url).predict("brick", str(folder), None, api_name="/batch")
+    rows = {Path(decode_source(r["source"])).name: r for r in station.store.history(limit=None)
+            if decode_source(r["source"]).startswith(str(folder.resolve()))}
+    assert set(rows) == {"good.png", "db.png"} and rows["good.png"]["verdict"] != "ERROR"
+    assert rows["db.png"]["verdict"] == "ERROR" and "outside the allowed folders" in rows["db.png"]["error"]
+    assert rows["db.png"]["image_sha256"] is None
