@@ -93,12 +93,20 @@ def main() -> int:
     station = Station(args.data_dir, device=args.device)
     product = f"brick-{args.detector}-{args.size}"
     t = time.perf_counter()
-    if not station.registry.exists(product):  # registered once per data dir (fitting is not what we time)
+    replace = False
+    if station.registry.exists(product):  # saved by an older, incompatible version? register again
+        try:
+            station.registry.runtime(station.registry.get(product))
+        except Exception as exc:  # noqa: BLE001
+            print(f"{product} cannot be loaded ({exc}); registering it again", flush=True)
+            replace = True
+    if replace or not station.registry.exists(product):  # once per data dir (fitting is not what we time)
         shots = list_images(Path(build_sample("brick")) / "train" / "good")[:args.shots]
         print(f"registering {product} ({args.detector}, efficientnet-lite0 @ {args.size} px, {len(shots)} shots)...",
               flush=True)
         station.registry.register(product, [read_image(p) for p in shots], detector=args.detector,
-                                  backbone="efficientnet-lite0", image_size=args.size, actor="bench/line.py")
+                                  backbone="efficientnet-lite0", image_size=args.size, actor="bench/line.py",
+                                  replace=replace)
     print(f"product ready in {time.perf_counter() - t:.1f} s", flush=True)
 
     result: dict = {"command": " ".join([".venv/bin/python", "bench/line.py", *sys.argv[1:]]), "size": args.size, "device": args.device, "queue": args.queue, "product": product,
