@@ -93,7 +93,28 @@ class LineStation:
             out.append(f"OPC UA: {self.opcua.url} ({'Basic256Sha256 Sign&Encrypt + login' if self.cfg.opcua.secure else 'anonymous read-only'})")
         if self.modbus is not None:
             out.append(f"Modbus TCP: {self.cfg.modbus.host}:{self.modbus.port} (reject pulse {self.cfg.modbus.pulse_ms:g} ms)")
+        return out + self.warnings()
+
+    def warnings(self) -> list[str]:
+        c, out = self.cfg, []
+        if c.opcua.enabled and not c.opcua.secure and not _loopback(c.opcua.host):
+            out.append(f"warning: OPC UA on {c.opcua.host} without [line.opcua.users]: anyone on that network "
+                       "reads verdicts (anonymous, unencrypted; read-only)")
+        if c.modbus.enabled and not _loopback(c.modbus.host):
+            out.append(f"warning: Modbus TCP on {c.modbus.host} has no authentication (read-only); keep it on the "
+                       "line network")
         return out
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 __all__ = ["LineStation", "make_line_camera"]
