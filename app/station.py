@@ -722,9 +722,10 @@ class StationApp:
         rows = self.store.history(batch_id=summary.batch_id, limit=None)
         df = views.batch_frame(rows, summary.folder)
         counts = {v: sum(1 for r in rows if r.get("verdict") == v) for v in ("OK", "UNCERTAIN", "NG", "ERROR")}
-        msg = (f"Batch `{summary.batch_id}` on **{product}**: {summary.n_files} files, {summary.n_scored} scored, "
-               f"{summary.n_errors} errors ({summary.n_skipped} already done earlier"
-               + ("" if rescore else "; tick Re-score to score them again") + ") — "
+        again = (f"; {summary.n_skipped} already done by an earlier run"
+                 + ("" if rescore else ", tick Re-score to score them again")) if summary.n_skipped else ""
+        msg = (f"Batch `{summary.batch_id}` on **{product}**: {summary.n_files} files, {summary.n_new} scored by this "
+               f"run{again}; {summary.n_errors} errors — "
                + ", ".join(f"{k} {v}" for k, v in counts.items()) + f". {summary.images_per_s:.1f} images/s.")
         files = [f for f in (self._download_copy(getattr(summary, "csv_path", None)),
                              self._download_copy(getattr(summary, "html_path", None))) if f]

@@ -203,3 +203,32 @@ def test_history_csv_has_every_matching_row(app):
     path = app.on_history_csv("(all)", "(all)", "all time")
     df = pd.read_csv(path)
     assert len(df) == app.store.count() and {"source", "image_sha256", "decision", "operator"} <= set(df.columns)
+
+
+def test_batch_rows_have_thumbnails_open_their_heatmap_and_can_be_rescored(app, tmp_path, brick_crops):
+    from types import SimpleNamespace
+
+    folder = tmp_path / "lot"
+    folder.mkdir()
+    for i, img in enumerate(brick_crops(3, seed=11)):
+        write_image(folder / f"p{i}.png", img)
+    msg, df, _ = app.on_batch(PRODUCT, str(folder.resolve()), None, False, None, lambda *a, **k: None)
+    assert len(df) == 3 and all(str(c).startswith("![heatmap](data:image/jpeg;base64,") for c in df["heatmap"])
+    img, caption = app.on_batch_select(df, SimpleNamespace(index=[0, 1]))
+    assert img is not None and f"#{int(df.iloc[0]['id'])}" in caption
+    again, df2, _ = app.on_batch(PRODUCT, str(folder.resolve()), None, False, None, lambda *a, **k: None)
+    assert "0 scored by this run; 3 already done" in again and "Re-score" in again  # resumed: nothing new
+    forced, df3, _ = app.on_batch(PRODUCT, str(folder.resolve()), None, True, None, lambda *a, **k: None)
+    assert "3 scored by this run" in forced and "already done" not in forced
+    assert set(df3["id"]).isdisjoint(set(df["id"]))  # a new batch, scored again
+
+
+def test_overlay_opacity_and_before_after_toggle(app, tmp_path, brick_crops):
+    out = app.on_inspect(PRODUCT, str(write_image(tmp_path / "v.png", brick_crops(1, seed=13)[0])), "")
+    view = out[8]
+    assert view is not None and "NG ≥" in out[9]
+    original = app.on_view(view, 0.45, "original")
+    assert np.array_equal(original, view["image"])
+    faint, strong = app.on_view(view, 0.1, "heatmap"), app.on_view(view, 0.9, "heatmap")
+    diff = lambda a: np.abs(a.astype(int) - view["image"].astype(int)).sum()  # noqa: E731
+    assert diff(faint) <= diff(strong)
