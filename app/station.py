@@ -1126,7 +1126,7 @@ class StationApp:
 
             startup_timer.tick(self.on_startup_tick, [in_product, lv_product, cb_product, bt_product, sy_product],
                                [startup, startup_timer, *dropdowns, *calib_outs], api_name=False,
-                               show_progress="hidden")
+                               show_progress="hidden", concurrency_limit=None)  # cheap: never queued behind work
 
             def _refresh(current, request: gr.Request):
                 names = self.product_names()
@@ -1135,7 +1135,8 @@ class StationApp:
                 op = gr.update(value=user, interactive=False) if user else gr.skip()
                 return (*self._product_dropdowns(names, keep), *self._calibration(keep), op)
 
-            demo.load(_refresh, [in_product], [*dropdowns, *calib_outs, op_name], api_name=False)
+            demo.load(_refresh, [in_product], [*dropdowns, *calib_outs, op_name], api_name=False,
+                      show_progress="hidden", concurrency_limit=None)
         self.demo = demo
         return demo
 

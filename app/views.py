@@ -52,7 +52,8 @@ CSS = """
 .cam-box.cam-live {background: #15803d} .cam-box.cam-error {background: #b45309}
 .cam-box.cam-reconnecting, .cam-box.cam-lost {background: #dc2626} .cam-box.cam-failed {background: #7f1d1d}
 .cam-box.cam-idle, .cam-box.cam-closed {background: #64748b}
-.cam-box small {display: block; font-size: .8rem; font-weight: 600; margin-top: 6px; letter-spacing: 0}
+.cam-box small {display: block; font-size: .8rem; font-weight: 600; margin-top: 6px; letter-spacing: 0;
+  color: #fff !important; overflow-wrap: anywhere}
 .colorbar {margin-top: 4px; font-size: .8rem}
 .colorbar .bar {position: relative; height: 14px; border-radius: 4px; border: 1px solid var(--border-color-primary)}
 .colorbar .tick {position: absolute; top: -3px; bottom: -3px; width: 2px}
