@@ -213,7 +213,8 @@ class StationApp:
         can_decide = rec.id is not None and not rec.error
         view = None
         if getattr(rec, "image", None) is not None and getattr(rec, "map", None) is not None:
-            view = {"image": rec.image, "map": rec.map, "ok": t.ok_below, "ng": t.ng_above, "low": p.map_low}
+            view = {"image": rec.image, "map": rec.map, "ok": t.ok_below, "ng": t.ng_above, "low": p.map_low,
+                    "peak": rec.score}
         trail = views.decisions_html(self.store.decisions(rec.id)) if rec.id is not None else ""
         return (overlay, badge, details, rec.id, gr.update(interactive=can_decide),
                 gr.update(interactive=can_decide), "", trail, view,
@@ -266,7 +267,7 @@ class StationApp:
         from inspector.verdict import Thresholds
 
         return heat_overlay(view["image"], view["map"], Thresholds(view["ok"], view["ng"]), alpha=float(opacity),
-                            low=view["low"], max_side=MAX_SIDE)
+                            low=view["low"], max_side=MAX_SIDE, peak=view.get("peak"))
 
     def _decide(self, inspection_id, decision, operator, reason, note, expect_latest):
         try:
@@ -720,7 +721,7 @@ class StationApp:
             if upload is not None and not self.config.keep_uploads:
                 shutil.rmtree(upload, ignore_errors=True)  # rows, heatmaps and reports stay
         rows = self.store.history(batch_id=summary.batch_id, limit=None)
-        df = views.batch_frame(rows, summary.folder)
+        df = views.style_verdicts(views.batch_frame(rows, summary.folder))
         counts = {v: sum(1 for r in rows if r.get("verdict") == v) for v in ("OK", "UNCERTAIN", "NG", "ERROR")}
         again = (f"; {summary.n_skipped} already done by an earlier run"
                  + ("" if rescore else ", tick Re-score to score them again")) if summary.n_skipped else ""
@@ -775,7 +776,7 @@ class StationApp:
 
     def on_history(self, product: str, verdict: str, since: str, limit: int):
         rows = self._history_rows(product, verdict, since, limit)
-        df = views.history_frame(rows)
+        df = views.style_verdicts(views.history_frame(rows))
         gallery = []
         for r in rows:
             hp = r.get("heatmap_path")
@@ -789,7 +790,8 @@ class StationApp:
         rows = self._history_rows(product, verdict, since, None)
         d = self._downloads / uuid.uuid4().hex[:8]
         d.mkdir(parents=True, exist_ok=True)
-        return views.history_csv(rows, d / f"inspections-{datetime.now(UTC):%Y%m%d-%H%M%S}.csv")
+        path = views.history_csv(rows, d / f"inspections-{datetime.now(UTC):%Y%m%d-%H%M%S}.csv")
+        return gr.update(value=path, visible=True)
 
     def _open_row(self, df, evt: gr.SelectData, column: str = "id"):
         try:
@@ -1042,8 +1044,8 @@ class StationApp:
                         hs_btn = gr.Button("Refresh", variant="primary", scale=0)
                         hs_csv_btn = gr.Button("Export CSV", scale=0, elem_id="history-csv")
                     hs_note = gr.Markdown()
-                    hs_csv = gr.File(label="CSV export (all matching inspections)", interactive=False,
-                                     elem_id="history-csv-file", height=60)
+                    hs_csv = gr.File(label="CSV export (all matching inspections)", interactive=False, visible=False,
+                                     elem_id="history-csv-file")
                     with gr.Row(equal_height=False):
                         with gr.Column(scale=3):
                             hs_table = gr.Dataframe(views.history_frame([]), interactive=False, wrap=False,

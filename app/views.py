@@ -405,6 +405,20 @@ def history_frame(rows: Iterable[dict], thumbs: bool = True) -> pd.DataFrame:
     return pd.DataFrame(data, columns=HISTORY_COLUMNS)
 
 
+VERDICT_STYLE = {"OK": "background-color: #dcfce7; color: #14532d; font-weight: 700",
+                 "UNCERTAIN": "background-color: #fef3c7; color: #78350f; font-weight: 700",
+                 "NG": "background-color: #fee2e2; color: #7f1d1d; font-weight: 700",
+                 "ERROR": "background-color: #e2e8f0; color: #1e293b; font-weight: 700"}
+
+
+def style_verdicts(df: pd.DataFrame):
+    """The table with its verdict column coloured like the badges (a pandas Styler, which Gradio renders)."""
+    if not len(df) or "verdict" not in df.columns:
+        return df
+    st = df.style.map(lambda v: VERDICT_STYLE.get(str(v), ""), subset=["verdict"]).format(na_rep="", precision=1)
+    return st.format(na_rep="", precision=5, subset=["score"]) if "score" in df.columns else st
+
+
 def history_csv(rows: Iterable[dict], path) -> str:
     """All columns of the listed inspections (full source, sha256, model version, decision) as CSV."""
     cols = ["id", "created_at", "product", "source", "image_sha256", "score", "verdict", "model_version",

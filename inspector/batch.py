@@ -364,7 +364,7 @@ class _Ctx:
             row, hp = result_row(self.prod, self.batch_id, sc, self.heatmaps, self.hm_dir, self.folder)
             if hp is not None:
                 futs.append(self.pool.submit(save_heatmap, hp, sc.item.view, sc.map, self.prod.thresholds,
-                                             self.prod.map_low))
+                                             self.prod.map_low, peak=sc.score))
             rows.append(row)
         return rows, futs
 

@@ -268,7 +268,7 @@ class Scorer:
             row, hp = result_row(prod, self.batch_id, sc, self.heatmaps, self.hm_dir, self.root)
             if hp is not None:
                 try:
-                    save_heatmap(hp, sc.item.view, sc.map, prod.thresholds, prod.map_low)
+                    save_heatmap(hp, sc.item.view, sc.map, prod.thresholds, prod.map_low, peak=sc.score)
                 except Exception:  # e.g. disk full: the row without its picture, as the local engine
                     row["heatmap_path"] = None
             rows.append(row)

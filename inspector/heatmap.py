@@ -3,7 +3,10 @@
 Maps hold raw anomaly scores (a product's units). For display they are scaled to [0, 1] with the
 product's thresholds: ``low`` (typical normal pixel level; default 0) maps to 0 and ``ng_above``
 maps to 1, so a red pixel means "NG-level here" on every product. Pixels below ``ok_below`` get no
-tint at all (the part is shown as it is where nothing is suspicious). The outline is drawn in red
+tint at all (the part is shown as it is where nothing is suspicious). With ``peak`` (the image's
+score) the map is first rescaled about ``low`` so that its hottest pixel equals the image score:
+detectors whose image score is not the map's maximum (a global branch, top-k pooling) then show a
+tint exactly when the verdict is not OK, and the hottest region in the colour of the verdict. The outline is drawn in red
 around pixels at or above ``ng_above`` and, when there are none, in yellow around pixels at or
 above ``ok_below`` (the UNCERTAIN band).
 """
@@ -54,12 +57,29 @@ def _fit(rgb: np.ndarray, amap: np.ndarray, max_side: int | None) -> tuple[np.nd
     return rgb, amap
 
 
+def peak_scaled(amap: np.ndarray, peak: float | None, low: float | None = None) -> np.ndarray:
+    """``amap`` rescaled about ``low`` so that its maximum equals ``peak`` (see module docstring);
+    unchanged without a finite peak above ``low`` or when the map is flat at or below ``low``."""
+    amap = np.asarray(amap, dtype=np.float32)
+    lo = 0.0 if low is None else float(low)
+    if peak is None or not np.isfinite(peak) or peak <= lo or not amap.size:
+        return amap
+    top = float(np.nanmax(amap))
+    if not np.isfinite(top) or top <= lo:
+        return amap
+    return (lo + (amap - lo) * ((float(peak) - lo) / (top - lo))).astype(np.float32)
+
+
 def overlay(rgb: np.ndarray, amap: np.ndarray, thresholds: Thresholds | None = None, alpha: float = 0.45,
-            low: float | None = None, outline: bool = True, max_side: int | None = None) -> np.ndarray:
+            low: float | None = None, outline: bool = True, max_side: int | None = None,
+            peak: float | None = None) -> np.ndarray:
     """RGB uint8 image with the map as a JET colour overlay and the defect outline.
 
-    ``amap`` may be at any size (it is resized to the image); ``max_side`` downsizes both first.
+    ``amap`` may be at any size (it is resized to the image); ``max_side`` downsizes both first;
+    ``peak`` ties the map's maximum to the image score (module docstring).
     """
+    if peak is not None:
+        amap = peak_scaled(amap, peak, low)
     rgb = np.asarray(rgb)
     if rgb.ndim == 2:
         rgb = np.repeat(rgb[..., None], 3, axis=2)
@@ -103,9 +123,9 @@ def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
 
 
 def save_heatmap(path: str | os.PathLike, rgb: np.ndarray, amap: np.ndarray, thresholds: Thresholds | None = None,
-                 low: float | None = None, max_side: int | None = MAX_SIDE) -> Path:
+                 low: float | None = None, max_side: int | None = MAX_SIDE, peak: float | None = None) -> Path:
     """Write the overlay of ``amap`` on ``rgb`` (at most ``max_side`` pixels) as a PNG; returns the path."""
-    return save_png(path, overlay(rgb, amap, thresholds, low=low, max_side=max_side))
+    return save_png(path, overlay(rgb, amap, thresholds, low=low, max_side=max_side, peak=peak))
 
 
-__all__ = ["MAX_SIDE", "encode_png", "normalize", "overlay", "save_heatmap", "save_png"]
+__all__ = ["MAX_SIDE", "encode_png", "normalize", "overlay", "peak_scaled", "save_heatmap", "save_png"]

@@ -89,7 +89,7 @@ class Station:
         t0 = time.perf_counter()
         ins = prod.inspect([rgb], runtime=runtime)[0]
         latency = (time.perf_counter() - t0) * 1e3
-        ov = overlay(rgb, ins.map, prod.thresholds, low=prod.map_low, max_side=MAX_SIDE)
+        ov = overlay(rgb, ins.map, prod.thresholds, low=prod.map_low, max_side=MAX_SIDE, peak=ins.score)
         hp = None
         if save_heatmap_png:
             day = datetime.now(UTC).strftime("%Y%m%d")

@@ -195,13 +195,23 @@ def test_heatmap_has_no_tint_below_ok_and_the_colour_bar_marks_both_thresholds(r
     below = amap < 0.4
     assert np.array_equal(out[below], img[below])  # untouched where the part is OK-level
     assert (out[amap >= 0.8] != img[amap >= 0.8]).any()
+    # a detector whose image score is above its map's maximum (global branch): the map's peak is tied
+    # to the score, so an NG image is tinted and outlined in red although no pixel reached NG
+    weak = amap * 0.35  # max 0.35 < OK threshold
+    assert np.array_equal(overlay(img, weak, t, outline=False), img)  # without the score: no tint at all
+    tied = overlay(img, weak, t, low=0.0, peak=0.9)
+    hot = weak == weak.max()
+    assert (tied[hot] != img[hot]).any() and (tied[weak < 0.35 * 0.4 / 0.9] == img[weak < 0.35 * 0.4 / 0.9]).all()
+    ok_img = overlay(img, weak, t, low=0.0, peak=0.3)  # an OK score: nothing reaches OK, nothing tinted
+    assert np.array_equal(ok_img, img)
     bar = views.colorbar_html(t, low=0.0)
     assert 'data-ok="0.4"' in bar and 'data-ng="0.8"' in bar and "OK &lt; 0.4" in bar and "NG ≥ 0.8" in bar
 
 
 def test_history_csv_has_every_matching_row(app):
-    path = app.on_history_csv("(all)", "(all)", "all time")
-    df = pd.read_csv(path)
+    upd = app.on_history_csv("(all)", "(all)", "all time")
+    assert upd["visible"] is True
+    df = pd.read_csv(upd["value"])
     assert len(df) == app.store.count() and {"source", "image_sha256", "decision", "operator"} <= set(df.columns)
 
 
@@ -212,13 +222,15 @@ def test_batch_rows_have_thumbnails_open_their_heatmap_and_can_be_rescored(app, 
     folder.mkdir()
     for i, img in enumerate(brick_crops(3, seed=11)):
         write_image(folder / f"p{i}.png", img)
-    msg, df, _ = app.on_batch(PRODUCT, str(folder.resolve()), None, False, None, lambda *a, **k: None)
-    assert len(df) == 3 and all(str(c).startswith("![heatmap](data:image/jpeg;base64,") for c in df["heatmap"])
+    msg, styled, _ = app.on_batch(PRODUCT, str(folder.resolve()), None, False, None, lambda *a, **k: None)
+    df = styled.data  # a pandas Styler: the verdict column is coloured like the badges
+    assert "background-color" in styled.to_html() and len(df) == 3 and all(str(c).startswith("![heatmap](data:image/jpeg;base64,") for c in df["heatmap"])
     img, caption = app.on_batch_select(df, SimpleNamespace(index=[0, 1]))
     assert img is not None and f"#{int(df.iloc[0]['id'])}" in caption
     again, df2, _ = app.on_batch(PRODUCT, str(folder.resolve()), None, False, None, lambda *a, **k: None)
     assert "0 scored by this run; 3 already done" in again and "Re-score" in again  # resumed: nothing new
     forced, df3, _ = app.on_batch(PRODUCT, str(folder.resolve()), None, True, None, lambda *a, **k: None)
+    df3 = df3.data
     assert "3 scored by this run" in forced and "already done" not in forced
     assert set(df3["id"]).isdisjoint(set(df["id"]))  # a new batch, scored again
 
