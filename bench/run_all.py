@@ -6,8 +6,9 @@
 Runs, on the sample products ``brick`` (texture, pixel masks) and ``textile`` (image-labelled
 local/global defects + masked synthetic ones), with the default backbone (EfficientNet-Lite0):
 
-* ``graphcore`` and the in-run baseline ``patchcore`` (PatchCore kNN, same backbone, same shots):
-  few-shot, k = 1, 2, 4 normal images drawn from ``train/good`` with each seed;
+* ``graphcore``, the in-run baseline ``patchcore`` (PatchCore kNN, same backbone, layers and
+  shots) and ``patchcore-aug`` (PatchCore on GraphCore's bank of augmented views): few-shot,
+  k = 1, 2, 4 normal images drawn from ``train/good`` with each seed;
 * ``musc``: zero-shot, all test images of a product as the mutual set;
 * ``anomalyclip``: zero-shot with a prompt checkpoint and CLIP weights from ``models/``; without
   them its row says what is missing;
@@ -15,6 +16,9 @@ local/global defects + masked synthetic ones), with the default backbone (Effici
   (9 neighbours; coreset off for few-shot banks), and ``anomalib-patchcore-wrn50``: anomalib's
   stock wide_resnet50_2 configuration, and ``anomalib-winclip`` (zero-shot WinCLIP), which both need
   a weight download (a row says so offline).
+
+``--graphcore-ablation [ARGS]`` runs ``bench/graphcore_ablation.py`` instead (GraphCore's
+ablation table on brick/gravel/grass/textile, k = 1/2/4/8; writes ``bench/GRAPHCORE.md``).
 
 Prints one table, writes ``bench/out/results.json`` (every run, the summary, the machine),
 ``bench/out/plots/`` (ROC/PR curves and example heatmaps) and ``bench/RESULTS.md`` (the table and
@@ -38,7 +42,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DETECTORS = ("graphcore", "patchcore", "musc", "anomalyclip", "anomalib-patchcore",
+DETECTORS = ("graphcore", "patchcore", "patchcore-aug", "musc", "anomalyclip", "anomalib-patchcore",
              "anomalib-patchcore-wrn50", "anomalib-winclip")
 
 
@@ -55,9 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     p.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--graphcore-ablation", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
+                   help="instead of the table: run bench/graphcore_ablation.py with ARGS (PatchCore, augmented "
+                        "PatchCore, anomalib PatchCore, GraphCore with/without head and global branch, orientation "
+                        "free/fixed; writes bench/GRAPHCORE.md)")
     p.add_argument("--from-json", metavar="FILE", default=None,
                    help="re-render the table and RESULTS.md from a results.json of an earlier run (no compute)")
     args = p.parse_args(argv)
+    if args.graphcore_ablation is not None:
+        sys.path.insert(0, str(ROOT / "bench"))
+        import graphcore_ablation
+
+        return graphcore_ablation.main(args.graphcore_ablation)
     if args.from_json:
         return rerender(Path(args.from_json), Path(args.results_md))
 
@@ -178,7 +191,7 @@ def results_markdown(summary, report, cmd: str, size: int, device: str, wall: fl
         "other). `mean` rows average the products within each seed, then over seeds. Pixel metrics use the "
         "test images whose masks are known (textile `local`/`global` carry image labels only). "
         "Timing in the same run: `bb ms/img` = backbone forward alone, `det ms/img` = the detector's "
-        "`score` wall time per image (includes its backbone passes; GraphCore runs 8 symmetrised passes), "
+        "`score` wall time per image (includes its one backbone pass), "
         "`fit s` = fit on the k shots, `+MB` = peak memory rise during fit + score "
         f"({'CUDA max allocated' if cuda else 'process RSS sampled every 2 ms; freed memory is reused, so later runs in one process can show less than their own need'}).",
         "",
