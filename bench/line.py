@@ -66,15 +66,17 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--data-dir", type=Path, default=Path.home() / ".cache" / "inspector" / "bench-line")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "line.json")
-    ap.add_argument("--md", type=Path, default=ROOT / "bench" / "LINE.md")
-    ap.add_argument("--render", type=Path, metavar="JSON",
-                    help="only re-render --md from the JSON of an earlier run (no measurement)")
+    ap.add_argument("--out", type=Path, default=None, help="default bench/out/line-<detector>.json")
+    ap.add_argument("--md", type=Path, default=ROOT / "bench" / "LINE.md",
+                    help="written from every bench/out/line-*.json (one section per detector)")
+    ap.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                    help="only re-render --md from the JSON of earlier runs (no measurement)")
     args = ap.parse_args()
     if args.render:
-        args.md.write_text(render(json.loads(args.render.read_text())))
+        args.md.write_text(render_all([json.loads(p.read_text()) for p in args.render]))
         print(f"wrote {args.md}")
         return 0
+    args.out = args.out or ROOT / "bench" / "out" / f"line-{args.detector}.json"
 
     import numpy as np
     import torch
@@ -182,14 +184,33 @@ def main() -> int:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.md.write_text(render(result))
+    runs = sorted(args.out.parent.glob("line-*.json"))
+    args.md.write_text(render_all([json.loads(p.read_text()) for p in runs] if args.out in runs else [result]))
     print(f"wrote {args.out} and {args.md}")
     return 0
 
 
+def render_all(runs: list[dict]) -> str:
+    return "## Line benchmark (bench/line.py)\n\n" + "\n".join(render(r) for r in runs)
+
+
+def _command(r: dict) -> str:
+    """The command of a run, without its output paths."""
+    cmd = (r.get("command") or f".venv/bin/python bench/line.py --detector {r['detector']}").split()
+    out, skip = [], False
+    for tok in cmd:
+        if skip:
+            skip = False
+        elif tok in ("--out", "--md"):
+            skip = True
+        else:
+            out.append(tok)
+    return " ".join(out)
+
+
 def render(r: dict) -> str:
     lat, sus, over, mod = r["latency"], r["sustained"], r["overload"], r["model_ms"]
-    return f"""## Line benchmark (bench/line.py)
+    return f"""### {r['detector']} @ {r['size']} px
 
 Fake GigE Vision camera over loopback ({r['size']} x {r['size']} Mono8, software trigger) -> line pipeline
 (queue {r['queue']}) -> product `{r['product']}` (sample brick, {r['detector']}, EfficientNet-Lite0 @ {r['size']} px) on
@@ -206,8 +227,7 @@ average {r['load_avg_1min'][0]:.1f} at the start, {r['load_avg_1min'][1]:.1f} at
 | dropped at sustained rate | {sus['dropped']} |
 | overload at {over['offered_per_s']:.1f} parts/s offered: inspected / dropped of {over['offered']} | {over['inspected']} / {over['dropped']} |
 
-Reproduce: `{r.get('command') or '.venv/bin/python bench/line.py --detector ' + r['detector']}` (needs
-scripts/install_line.sh). The latency includes
+Reproduce: `{_command(r)}` (needs scripts/install_line.sh). The latency includes
 the fake camera's frame period (it answers a software trigger at its next frame tick, 25 frames/s,
 so up to 40 ms), which a hardware-triggered real camera does not add. Drop reasons under overload:
 {', '.join(over['drop_reasons']) or 'none'}.
