@@ -6,7 +6,7 @@
   files of ``tests/test_hostile.py``); each is read in a fresh subprocess through
   ``inspector.io.read_image`` and the batch's ``load_file``; reported: claimed size, what the
   decoded image would take, the refusal, and the subprocess's peak-RSS growth
-  (``resource.getrusage``). For contrast, the old path without the header check (stock OpenCV
+  (VmHWM after resetting it: ``ru_maxrss`` would carry over the parent's peak). For contrast, the old path without the header check (stock OpenCV
   cap, ``cv2.imdecode`` + the BGR->RGB conversion ``read_image`` applied) on a JPEG bomb scaled
   down to 8000x8000 pixels, so the probe itself stays affordable on a shared machine.
 * **Batch**: ``inspector batch`` over 10 bombs (two per format) + 1 good image vs over the good
@@ -32,13 +32,37 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
+PEAK = r"""
+import resource
+
+
+def peak_kb():
+    # Peak RSS of this process image, KB. Not ru_maxrss alone: Linux carries the parent's peak
+    # across fork + exec, which would hide any growth below the (large) parent's RSS. VmHWM belongs
+    # to this image, and writing 5 to clear_refs resets it to the current RSS.
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return peak_kb()
+"""
+
 PROBE = r"""
 import json, resource, sys, time
 from pathlib import Path
 from inspector import io as imio
 from inspector.batch import load_file
 path = Path(sys.argv[1])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = reset_peak()
 t0 = time.perf_counter()
 try:
     imio.read_image(path); reason = None
@@ -47,18 +71,18 @@ except imio.ImageError as exc:
 ms = (time.perf_counter() - t0) * 1e3
 err = load_file(path).error
 print(json.dumps({"reason": reason, "load_file": err, "ms": ms,
-                  "rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+                  "rss_mb": (peak_kb() - before) / 1024}))
 """
 
 UNGUARDED = r"""
 import json, resource, sys
 import cv2, numpy as np
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = reset_peak()
 img = cv2.imdecode(np.fromfile(sys.argv[1], np.uint8), cv2.IMREAD_UNCHANGED)
 if img is not None:  # what read_image did next (pages a lazy decoder left untouched get touched here)
     img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 print(json.dumps({"shape": None if img is None else list(img.shape),
-                  "rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+                  "rss_mb": (peak_kb() - before) / 1024}))
 """
 
 BATCH = r"""
@@ -68,12 +92,12 @@ try:
     runpy.run_module("inspector", run_name="__main__")
 except SystemExit:
     pass
-print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("MAXRSS_KB", peak_kb())
 """
 
 
 def _run(script: str, *args: str) -> dict:
-    res = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV, timeout=300)
+    res = subprocess.run([sys.executable, "-c", PEAK + script, *args], capture_output=True, text=True, env=ENV, timeout=300)
     if res.returncode != 0:
         raise RuntimeError(res.stderr)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -126,7 +150,7 @@ def batch(tmp: Path) -> dict:
             (bad / f"{fmt}{k}{SUFFIX[fmt]}").write_bytes(make())
     out = {}
     for name, d in (("good image only", good), ("10 bombs + the good image", bad)):
-        res = subprocess.run([sys.executable, "-c", BATCH, "batch", str(d), "--product", "brick", "--data-dir",
+        res = subprocess.run([sys.executable, "-c", PEAK + BATCH, "batch", str(d), "--product", "brick", "--data-dir",
                               str(tmp / "data"), "--device", "cpu", "--no-progress", "--workers", "4"],
                              capture_output=True, text=True, env=ENV, timeout=300)
         kb = int(res.stdout.strip().splitlines()[-1].split()[1])

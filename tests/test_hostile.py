@@ -1,7 +1,7 @@
 """The hostile-input probes of issue 16, kept as regression tests.
 
 Decompression bombs in every accepted format (refused from the header; peak RSS measured in a
-fresh subprocess with ``resource.getrusage``), batch walks over link loops, dangling links, FIFOs,
+fresh subprocess from its VmHWM, which unlike ``ru_maxrss`` does not inherit the parent's peak), batch walks over link loops, dangling links, FIFOs,
 unreadable folders and non-UTF-8 names (every entry one row, names stored losslessly), symlinks
 out of the allowed roots, camera sources outside the configuration and SSRF URLs, uploaded zips
 left on disk, login rate limiting, the RGBA rule, tiny images, product names, stale ``.tmp`` files.
@@ -92,6 +92,30 @@ def bomb_bmp(w=30000, h=30000) -> bytes:
 BOMBS = {"png": bomb_png, "jpeg": bomb_jpeg, "tiff": bomb_tiff, "webp": bomb_webp, "bmp": bomb_bmp}
 SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "webp": ".webp", "bmp": ".bmp"}
 
+PEAK = r"""
+import resource
+
+
+def peak_kb():
+    # Peak RSS of this process image, KB. Not ru_maxrss alone: Linux carries the parent's peak
+    # across fork + exec, which would hide any growth below the (large) parent's RSS. VmHWM belongs
+    # to this image, and writing 5 to clear_refs resets it to the current RSS.
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return peak_kb()
+"""
+
 _RSS_PROBE = r"""
 import json, resource, sys
 from pathlib import Path
@@ -99,7 +123,7 @@ from inspector import io as imio
 from inspector.batch import load_file
 import cv2, numpy as np
 path = Path(sys.argv[1])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = reset_peak()
 out = {}
 try:
     imio.read_image(path)
@@ -107,13 +131,13 @@ try:
 except imio.ImageError as exc:
     out["read_image"] = exc.reason
 out["load_file"] = load_file(path).error  # the batch's path (bytes, in a worker)
-out["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+out["rss_kb"] = peak_kb() - before
 print(json.dumps(out))
 """
 
 
 def _rss_probe(script: str, *args: str) -> dict:
-    res = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV, timeout=120)
+    res = subprocess.run([sys.executable, "-c", PEAK + script, *args], capture_output=True, text=True, env=ENV, timeout=120)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -154,7 +178,7 @@ import json, resource, sys
 import inspector.io  # sets OPENCV_IO_MAX_IMAGE_PIXELS before cv2 loads, and Pillow's cap
 import cv2, numpy as np
 from PIL import Image
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = reset_peak()
 data = np.fromfile(sys.argv[1], np.uint8)
 try:
     cv = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
@@ -166,7 +190,7 @@ try:
     pil = "decoded"
 except Image.DecompressionBombError:
     pil = "refused"
-print(json.dumps({"cv2": cv, "pil": pil, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}))
+print(json.dumps({"cv2": cv, "pil": pil, "rss_kb": peak_kb() - before}))
 """
     out = _rss_probe(script, str(path))
     assert out["cv2"] in (None, "error") and out["pil"] == "refused"
@@ -371,10 +395,10 @@ st = Station(sys.argv[1], device="cpu")
 peaks = []
 for folder in sys.argv[2:]:
     st.batch(folder, "brick", progress=False, workers=4)
-    peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    peaks.append(peak_kb())
 print("MAXRSS_KB", *peaks)
 """
-    res = subprocess.run([sys.executable, "-c", script, str(station.data_dir), str(good), str(folder)],
+    res = subprocess.run([sys.executable, "-c", PEAK + script, str(station.data_dir), str(good), str(folder)],
                          capture_output=True, text=True, env=ENV, timeout=240)
     last = res.stdout.strip().splitlines()[-1].split() if res.stdout.strip() else [""]
     assert last[0] == "MAXRSS_KB", res.stdout + res.stderr
