@@ -394,8 +394,7 @@ def run_batch_ray(source: str | os.PathLike, product, registry, store, out_dir: 
     prod = registry.get(product) if isinstance(product, str) else product
     if heatmaps not in HEATMAP_MODES:
         raise ValueError(f"heatmaps must be one of {HEATMAP_MODES}, got {heatmaps!r}")
-    registry.runtime(prod, runtime)  # fail early here (unknown runtime, missing weights, MuSc below)
-    if registry.runtime(prod, runtime).mode == "mutual":
+    if registry.runtime(prod, runtime).mode == "mutual":  # loads here: unknown runtime, missing weights fail early
         raise RayUnavailable(f"{prod.name} is a {prod.detector} product: it scores a folder as a mutual set, "
                              "which runs on the local engine (--engine local)")
     batch_size = max(1, int(batch_size))
