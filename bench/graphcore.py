@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--images", type=int, default=16, help="test images scored per timing")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                    help="run only these rows (patchcore, patchcore-aug, graphcore-free, graphcore-fixed)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,9 +69,11 @@ def main() -> None:
     variants = [
         ("patchcore", PatchCoreKNN, {}),
         ("patchcore-aug", AugmentedPatchCore, {}),
-        ("graphcore orientation=free", GraphCore, {"orientation": "free"}),
-        ("graphcore orientation=fixed", GraphCore, {"orientation": "fixed"}),
+        ("graphcore-free", GraphCore, {"orientation": "free"}),
+        ("graphcore-fixed", GraphCore, {"orientation": "fixed"}),
     ]
+    if args.only:
+        variants = [v for v in variants if v[0] in args.only]
     base_ms: dict[int, float] = {}
     for label, cls, kw in variants:
         cls(bb, **{**kw, "train_steps": 2}).fit(shots[:1]).score(tests[:2])  # warm-up: allocator, kernels, lazy imports
