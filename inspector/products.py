@@ -572,13 +572,15 @@ class ProductRegistry:
         gen_info = describe_generator(generator)
         gen = _resolve(generator)
         fit_gen = None if generator is None else gen  # None: the detector's own default
-        normal, defects, severities, map_low = self._calibration_scores(cls, bb, cfg, shots, mode, n_synthetic,
-                                                                        seed, gen, fit_gen, progress=progress)
+        # the final model first: detectors with learned weights lend them to the held-out folds
         det = cls(bb, **cfg)
         _report(progress, "fit", 0, 1)
         if mode == "fit":
             _fit(det, bb.preprocess(shots), fit_gen)
         _report(progress, "fit", 1, 1)
+        normal, defects, severities, map_low = self._calibration_scores(cls, bb, cfg, shots, mode, n_synthetic,
+                                                                        seed, gen, fit_gen, progress=progress,
+                                                                        final=det)
         tensors, config = det.state()
         blob = _safetensors_bytes(tensors)
         model_hash = _sha(blob + _canon(config) + _canon([_shot_id(s) for s in shots]))[:16]
@@ -603,9 +605,14 @@ class ProductRegistry:
         return prod, blob, config
 
     def _calibration_scores(self, cls, bb, cfg, shots, mode, n_synthetic, seed, gen=None, fit_gen=None,
-                            progress=None):
+                            progress=None, final=None):
         """Held-out normal scores, generated-defect scores, the defects' severities (stratified over
-        [0, 1] across all folds) and the median normal pixel score."""
+        [0, 1] across all folds) and the median normal pixel score.
+
+        Each fold refits what depends on the shots (memory bank, scales) without the held-out shot.
+        Learned weights (GraphCore's head) are taken from ``final`` when the detector can reuse them:
+        the head saw generated defects on every shot, so a fold's defect scores can be slightly
+        optimistic; its normal views are still scored against a bank without them."""
         from .synth import _resolve, generate_defects
         from .synth.severity import draw_severities
 
@@ -637,7 +644,7 @@ class ProductRegistry:
             made += n_def
             _report(progress, "generated defects", made, n_synthetic)
             if mode == "fit":
-                det = _fit(cls(bb, **cfg), bb.preprocess(others if k > 1 else shots), fit_gen)
+                det = _fit(cls(bb, **cfg), bb.preprocess(others if k > 1 else shots), fit_gen, reuse=final)
                 rt = TorchRuntime(bb, det, "fit")
             elif mode == "zero":
                 rt = TorchRuntime(bb, shared, "zero")
@@ -732,15 +739,21 @@ def _as_rgb8(im) -> np.ndarray:
     return to_rgb8(im)
 
 
-def _fit(det, x: torch.Tensor, generator=None):
-    """``det.fit(x)``, passing the defect generator when the detector's fit accepts one."""
+def _fit(det, x: torch.Tensor, generator=None, reuse=None):
+    """``det.fit(x)``, passing the defect generator and a fitted detector whose learned weights
+    to reuse, each only when the detector's fit accepts it."""
     import inspect
 
     try:
-        takes = "generator" in inspect.signature(det.fit).parameters
+        params = inspect.signature(det.fit).parameters
     except (TypeError, ValueError):
-        takes = False
-    return det.fit(x, generator=generator) if takes and generator is not None else det.fit(x)
+        params = {}
+    kwargs = {}
+    if generator is not None and "generator" in params:
+        kwargs["generator"] = generator
+    if reuse is not None and "reuse_head_of" in params:
+        kwargs["reuse_head_of"] = reuse
+    return det.fit(x, **kwargs)
 
 
 def _mode(cls) -> str:

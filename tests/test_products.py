@@ -185,3 +185,44 @@ def test_cli_register_products_and_history(station, brick, tmp_path, capsys):
     assert main(["products", "audit", "cli-p", "--json", *d]) == 0
     actions = [a["action"] for a in json.loads(capsys.readouterr().out)]
     assert actions == ["delete", "set_thresholds", "set_thresholds", "register"]
+
+
+def test_graphcore_registration_trains_its_head_once(station, brick, monkeypatch):
+    """The held-out folds refit the bank without their shot but reuse the final model's head:
+    one head training per registration, not one per fold (5x the time at 4 shots)."""
+    from inspector.detectors.graphcore import GraphCore
+
+    trained, reused = [], []
+    real_train, real_fit = GraphCore._train_head, GraphCore.fit
+
+    def counting_train(self, *a, **kw):
+        trained.append(1)
+        return real_train(self, *a, **kw)
+
+    def recording_fit(self, images, *, generator=None, progress=None, reuse_head_of=None):
+        out = real_fit(self, images, generator=generator, progress=progress, reuse_head_of=reuse_head_of)
+        reused.append((int(images.shape[0]), reuse_head_of is not None))
+        return out
+
+    monkeypatch.setattr(GraphCore, "_train_head", counting_train)
+    monkeypatch.setattr(GraphCore, "fit", recording_fit)
+    station.registry.register("brick-gc-once", random_crops(brick, 3), detector="graphcore", backbone="tiny-cnn",
+                              image_size=64, n_synthetic=3, actor="eng")
+    assert len(trained) == 1
+    assert reused == [(3, False), (2, True), (2, True), (2, True)]  # final on all shots, then 3 folds
+
+
+def test_reused_head_is_refused_across_configs(brick):
+    import torch
+
+    from inspector.backbone import load_backbone
+    from inspector.detectors.graphcore import GraphCore
+
+    bb = load_backbone("tiny-cnn", device="cpu", image_size=64)
+    x = bb.preprocess(random_crops(brick, 2))
+    donor = GraphCore(bb, train_steps=2, train_defects=2).fit(x)
+    with pytest.raises(ValueError, match="same config"):
+        GraphCore(bb, train_steps=3, train_defects=2).fit(x, reuse_head_of=donor)
+    fold = GraphCore(bb, train_steps=2, train_defects=2).fit(x[:1], reuse_head_of=donor)
+    assert fold.scorer.head is donor.scorer.head and fold.fit_info["head"]["reused"]
+    assert not torch.equal(fold.scorer.memory, donor.scorer.memory) or fold.scorer.memory.shape != donor.scorer.memory.shape

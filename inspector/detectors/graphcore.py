@@ -462,11 +462,16 @@ class GraphCore:
         rgb = ((x.detach().float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
         return list(rgb.permute(0, 2, 3, 1).numpy())
 
-    def fit(self, images: Tensor, *, generator: Any = None, progress: ProgressFn | None = None) -> GraphCore:
+    def fit(self, images: Tensor, *, generator: Any = None, progress: ProgressFn | None = None,
+            reuse_head_of: GraphCore | None = None) -> GraphCore:
         """Bank, scales and (with ``head``) the graph head from ``images`` (1+ normal shots,
         preprocessed). ``generator``: what :func:`inspector.synth.generate_defects` makes the
         head's training defects with (None: the weight-free fallback kinds). ``progress``:
-        optional ``progress(stage, done, total)`` callback; a tqdm bar shows the training."""
+        optional ``progress(stage, done, total)`` callback; a tqdm bar shows the training.
+
+        ``reuse_head_of``: a fitted GraphCore (same config) whose trained head is reused instead of
+        training one; bank and scales still come from ``images``. Registration's held-out folds use
+        it: training the head once per fold made registration 5x slower on a CPU."""
         if images.ndim != 4 or images.shape[0] < 1:
             raise ValueError(f"{self.name}: fit needs Tensor[K,3,H,W] with K >= 1 normal images")
         cfg = self.config
@@ -500,7 +505,13 @@ class GraphCore:
             if cfg.global_branch:
                 # leave-one-shot-out is impossible at k = 1; held-out views give a scale at every k
                 scorer.g_scale = float(nn_distance(image_descriptor(normal_feats), descriptors).mean().clamp_min(1e-6))
-        if cfg.head:
+        if cfg.head and reuse_head_of is not None:
+            donor = reuse_head_of._require_fit()
+            if donor.head is None or reuse_head_of.config != cfg:
+                raise ValueError(f"{self.name}: reuse_head_of needs a fitted detector with a head and the same config")
+            scorer.head = donor.head
+            self.fit_info["head"] = {**reuse_head_of.fit_info.get("head", {}), "reused": True}
+        elif cfg.head:
             scorer.head = self._train_head(images, scorer, normal_feats, normal_dist, generator, report)
             self.fit_info["head"] = self._head_info
         self.fit_info.update({"d_scale": scorer.d_scale, "g_scale": scorer.g_scale})
