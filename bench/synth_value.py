@@ -219,7 +219,7 @@ def run_product(product, args, bb, cls, reg, diffusion, takes_generator, log) ->
     tv["plain fit (no generated defects)"] = {**metrics(det), "fit_s": None}
     if takes_generator:
         gens = {"weight-free": "fallback"}
-        if diffusion is not None and product == "textile":
+        if diffusion is not None and product == "textile" and not args.no_diffusion_training:
             gens.update({"diffusion": diffusion, "both": Both(diffusion)})
         for name, g in gens.items():
             t0 = time.perf_counter()
@@ -252,7 +252,14 @@ def main() -> int:
     ap.add_argument("--merge", action="store_true",
                     help="keep the products (and diffusion cost) of an earlier synth_value.json that this run does "
                          "not measure (run the products in several sessions)")
+    ap.add_argument("--no-diffusion-training", action="store_true",
+                    help="training value: skip the diffusion / both fits (each generates 24 diffusion defects)")
+    ap.add_argument("--render", nargs="+", metavar="JSON",
+                    help="no compute: merge the products of these synth_value.json files (later ones win; summed "
+                         "wall time) and write the table, the JSON and the README sections")
     args = ap.parse_args()
+    if args.render:
+        return render_files([Path(f) for f in args.render], Path(args.out), Path(args.table))
 
     from rich.console import Console
 
@@ -318,6 +325,53 @@ def main() -> int:
     return 0
 
 
+def render_files(files: list[Path], out_dir: Path, table: Path) -> int:
+    merged: dict = {}
+    for f in files:
+        r = json.loads(f.read_text())
+        if not merged:
+            merged = r
+            continue
+        merged["products"].update(r["products"])
+        for k, v in r.get("cost", {}).items():
+            merged["cost"].setdefault(k, v)
+        merged["diffusion_training"] = merged.get("diffusion_training") or r.get("diffusion_training")
+        merged["wall_s"] += r["wall_s"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "synth_value.json").write_text(json.dumps(merged, indent=2, default=float) + "\n")
+    md = render(merged)
+    table.write_text(md)
+    for readme in (ROOT / "README.md", ROOT / "inspector" / "synth" / "README.md"):
+        splice(readme, "synth_value", md)
+    print(md)
+    return 0
+
+
+def _deltas(r: dict) -> list[str]:
+    """Diffusion minus weight-free on the textile, in percentage points (negative = fewer errors)."""
+    t = r["products"].get("textile")
+    if not t or "diffusion" not in t["calibration"]:
+        return []
+    cal = t["calibration"]
+    parts = []
+    for d in t["defects"]:
+        dw, dd = cal["weight-free"][d], cal["diffusion"][d]
+        parts.append(f"{d}: miss@OK {100 * (dd['miss_ok'] - dw['miss_ok']):+.0f}, miss@NG "
+                     f"{100 * (dd['miss_ng'] - dw['miss_ng']):+.0f}")
+    d0 = next(iter(t["defects"]))
+    fr = cal["diffusion"][d0]["frr_ok"] - cal["weight-free"][d0]["frr_ok"]
+    frg = cal["diffusion"][d0]["frr_ng"] - cal["weight-free"][d0]["frr_ng"]
+    out = ["", f"Diffusion minus weight-free calibration on textile (points): {'; '.join(parts)}; "
+               f"FRR@OK {100 * fr:+.0f}, FRR@NG {100 * frg:+.0f}."]
+    tv = t["training_value"]
+    if "diffusion" in tv and "weight-free" in tv:
+        a, b = tv["diffusion"], tv["weight-free"]
+        au = "-" if a["image_auroc"] is None or b["image_auroc"] is None else f"{100 * (a['image_auroc'] - b['image_auroc']):+.1f}"
+        ap = "-" if a["pixel_aupro"] is None or b["pixel_aupro"] is None else f"{100 * (a['pixel_aupro'] - b['pixel_aupro']):+.1f}"
+        out[-1] += f" Training the head on diffusion instead of weight-free defects: image AUROC {au}, AUPRO {ap}."
+    return out
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.0f}"
 
@@ -349,9 +403,13 @@ def render(r: dict) -> str:
         for name, v in pr["training_value"].items():
             lines.append(f"| {p} | {name} | {_pct(v['image_auroc'])} | {_pct(v['pixel_aupro'])} | "
                          + ("-" if v.get("fit_s") is None else f"{v['fit_s']:.1f}") + " |")
+    if r["args"].get("no_diffusion_training"):
+        lines += ["", "The diffusion / both training rows were not run (`--no-diffusion-training`): on this shared CPU "
+                      "each fit's 24 diffusion defects cost minutes (see the cost table)."]
     if not r["fit_takes_generator"]:
         lines += ["", "GraphCore's `fit` on this main takes no `generator` (its learned parts are not there yet): "
                       "only the plain fit is measured; the generator rows are missing, not zero."]
+    lines += _deltas(r)
     c = r["cost"]
     lines += ["", "**Generator cost** (CPU unless stated):", "", "| generator | train | ms / defect | notes |",
               "|---|---|---|---|", f"| weight-free | none | {c['weight-free']['ms_per_defect']:.0f} | |"]
