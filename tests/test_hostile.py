@@ -582,8 +582,13 @@ def test_uploaded_zip_and_its_extraction_are_deleted_after_the_batch(served, sta
             zf.writestr(f"good{i}.png", _png(_crop(brick, np.random.default_rng(20 + i))))
         zf.writestr("bomb.jpg", bomb_jpeg())
         zf.writestr("bomb.tif", bomb_tiff())
+    import re
+
     msg = _client(url).predict("brick", "", handle_file(str(z)), api_name="/batch")[0]
-    assert "4 files, 2 scored, 2 errors" in msg, msg
+    batch_id = re.search(r"Batch `([0-9a-f-]+)`", msg).group(1)
+    rows = station.store.history(batch_id=batch_id, limit=None)
+    assert len(rows) == 4, msg
+    assert sorted(r["verdict"] == "ERROR" and "image too large" in r["error"] for r in rows) == [False, False, True, True]
     uploads = station.data_dir / "uploads"
     assert not uploads.exists() or not any(uploads.iterdir())  # extraction removed
     cache = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
