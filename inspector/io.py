@@ -121,8 +121,18 @@ def read_file_bytes(path: str | os.PathLike, label: str | None = None, *,
     ``roots``: the file actually opened (symlinks resolved, read back from the descriptor, so a
     link swapped between check and open cannot escape) must lie under one of them."""
     label = label or str(path)
+    target, flags = path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if roots is not None:
+        # Check BEFORE opening: a file outside the roots must never be opened, not even to look.
+        # (Opening and closing the station's own SQLite file would drop that process's POSIX locks
+        # on it and let another writer corrupt the database.) The resolved name is opened without
+        # following a final link, and the opened descriptor is checked again below.
+        target = os.path.realpath(path)
+        if not within(target, roots):
+            raise ImageError(label, "outside the allowed folders (after following links)")
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(target, flags)
     except FileNotFoundError:
         reason = "dangling link" if os.path.islink(path) else "file not found"
         raise ImageError(label, reason) from None

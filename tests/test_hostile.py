@@ -28,6 +28,7 @@ from inspector.batch import iter_files, run_batch
 from inspector.io import MAX_PIXELS, ImageError, read_image, write_image
 from inspector.paths import decode_source, encode_source
 from inspector.service import Station
+from inspector.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -363,7 +364,6 @@ def test_cli_inspect_reports_each_bad_file_and_goes_on(station, brick, tmp_path)
     write_image(tmp_path / NON_UTF8, _crop(brick, np.random.default_rng(7)))
     args = [str(tmp_path / "loop1.png"), str(tmp_path / "fifo.png"), str(tmp_path), str(tmp_path / NON_UTF8),
             str(good)]
-    n0 = station.store.count(product="brick")
     res = _cli("inspect", *args, "--product", "brick", "--data-dir", str(station.data_dir), "--device", "cpu",
                timeout=180)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
@@ -372,7 +372,14 @@ def test_cli_inspect_reports_each_bad_file_and_goes_on(station, brick, tmp_path)
     assert "Too many levels of symbolic links" in lines[0] and "not a regular file" in lines[1]
     assert "not a regular file" in lines[2]
     assert "ERROR" not in lines[3] and "caf\\xe9" in lines[3] and "ERROR" not in lines[4]
-    assert station.store.count(product="brick") == n0 + 5  # every one recorded
+    fresh = Store(station.store.url)  # another process wrote them: read through a new engine
+    mine = [r for r in fresh.history(product="brick", limit=None)
+            if decode_source(r["source"]).startswith(str(tmp_path))]
+    old = [r for r in station.store.history(product="brick", limit=None)
+           if decode_source(r["source"]).startswith(str(tmp_path))]
+    fresh.close()
+    assert len(mine) == 5, [(r["source"], r["verdict"]) for r in mine]  # every one recorded
+    assert len(old) == 5, ("long-lived store does not see them", len(old))
 
 
 def test_bombs_in_a_batch_cost_no_memory(station, tmp_path, brick):
@@ -391,6 +398,7 @@ def test_bombs_in_a_batch_cost_no_memory(station, tmp_path, brick):
     script = r"""
 import resource, sys
 from inspector.service import Station
+from inspector.store import Store
 st = Station(sys.argv[1], device="cpu")
 peaks = []
 for folder in sys.argv[2:]:
