@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from inspector.procmem import peak_rss_mib  # noqa: E402
 
 
 def make_folder(folder: Path, n: int, size: int, seed: int = 0) -> None:
@@ -51,16 +52,6 @@ def make_folder(folder: Path, n: int, size: int, seed: int = 0) -> None:
         y, x = rng.integers(0, t.shape[0] - c, 2)
         crop = cv2.resize(np.ascontiguousarray(t[y:y + c, x:x + c]), (size, size), interpolation=cv2.INTER_AREA)
         write_image(folder / f"img{i:05d}.png", np.repeat(crop[..., None], 3, axis=2))
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that
-    over exec from the forking parent, so a child would report the bench parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(args) -> None:

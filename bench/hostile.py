@@ -32,29 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
-PEAK = r"""
-import resource
-
-
-def peak_kb():
-    # Peak RSS of this process image, KB. Not ru_maxrss alone: Linux carries the parent's peak
-    # across fork + exec, which would hide any growth below the (large) parent's RSS. VmHWM belongs
-    # to this image, and writing 5 to clear_refs resets it to the current RSS.
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return peak_kb()
-"""
+PEAK = "from inspector.procmem import peak_rss_kb as peak_kb, reset_peak_rss as reset_peak\n"
 
 PROBE = r"""
 import json, resource, sys, time

@@ -64,6 +64,7 @@ from .batch import (
     score_items,
 )
 from .paths import decode_source, encode_source
+from .procmem import peak_rss_mib
 from .verdict import ERROR
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -218,17 +219,6 @@ def results_table(rows: list[dict], worker: str | None = None, peak_rss_mib: flo
 # ----------------------------------------------------------------------------------------------
 # Scoring actors
 # ----------------------------------------------------------------------------------------------
-def _peak_rss_mib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 class Scorer:
     """Ray Data actor: one product model per actor, loaded once; see the module docstring."""
 
@@ -273,7 +263,7 @@ class Scorer:
                     row["heatmap_path"] = None
             rows.append(row)
         self.station.store.upsert_batch_results(rows)  # commit point: after the heatmaps exist
-        return results_table(rows, self.worker, _peak_rss_mib(), encode=True)
+        return results_table(rows, self.worker, peak_rss_mib(), encode=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from .loopthread import LoopThreadServer
 from .pipeline import COUNTERS, LineVerdict
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,14 @@ def _u32(v: int) -> list[int]:
     return [v >> 16, v & 0xFFFF]
 
 
-class RejectGateServer:
+class RejectGateServer(LoopThreadServer):
     """The Modbus TCP server on its own thread and event loop. ``pipeline`` supplies READY and
     the counters (None: a gate driven only by :meth:`on_verdict`)."""
 
+    label = "Modbus"
+
     def __init__(self, settings: ModbusSettings, pipeline=None):
+        super().__init__()
         settings.validate()
         self.settings = settings
         self.pipeline = pipeline
@@ -78,11 +82,7 @@ class RejectGateServer:
         self._reject_until = 0.0
         self._pass_until = 0.0
         self._t0 = time.monotonic()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._server: ModbusTcpServer | None = None
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
 
     # ---- values ------------------------------------------------------------------------------
     def on_verdict(self, v: LineVerdict) -> None:
@@ -130,15 +130,6 @@ class RejectGateServer:
         return None
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    def start(self, timeout: float = 30.0) -> RejectGateServer:
-        self._thread = threading.Thread(target=self._run, name="modbus-server", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise TimeoutError("Modbus server did not start")
-        if self._error is not None:
-            raise RuntimeError(f"Modbus server failed to start: {self._error}") from self._error
-        return self
-
     def stop(self, timeout: float = 30.0) -> None:
         if self._loop is not None and self._server is not None and not self._loop.is_closed():
             fut = asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop)
@@ -146,21 +137,7 @@ class RejectGateServer:
                 fut.result(timeout)
             except Exception:  # noqa: BLE001
                 pass
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._thread = None
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._main())
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._error = exc
-            log.exception("modbus: server stopped with an error")
-        finally:
-            self._started.set()
-            loop.close()
+        self._join(timeout)
 
     async def _main(self) -> None:
         s = self.settings

@@ -30,7 +30,6 @@ import asyncio
 import datetime as dt
 import logging
 import math
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from asyncua.crypto.permission_rules import USER_TYPES, PermissionRuleset, User,
 from asyncua.server.user_managers import UserManager
 
 from ..config import check_password
+from .loopthread import LoopThreadServer
 from .pipeline import LineVerdict
 
 log = logging.getLogger(__name__)
@@ -158,22 +158,21 @@ def _format(path: Path) -> str:
         return "PEM" if f.read(11) == b"-----BEGIN " else "DER"
 
 
-class StationOpcUaServer:
+class StationOpcUaServer(LoopThreadServer):
     """The server on its own thread and event loop. ``pipeline`` (a LinePipeline, or None for a
     server without a line) provides the methods and the Ready/Counters values."""
 
+    label = "OPC UA"
+
     def __init__(self, settings: OpcUaSettings, pipeline=None, *, pki_dir: str | Path | None = None):
+        super().__init__()
         self.settings = settings
         self.pipeline = pipeline
         self.pki_dir = Path(pki_dir) if pki_dir else None
         self.port: int | None = None
         self.nodes: dict[str, Any] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._server: Server | None = None
-        self._started = threading.Event()
         self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
         self._heartbeat = 0
 
     @property
@@ -182,32 +181,12 @@ class StationOpcUaServer:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> StationOpcUaServer:
-        self._thread = threading.Thread(target=self._run, name="opcua-server", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise TimeoutError("OPC UA server did not start")
-        if self._error is not None:
-            raise RuntimeError(f"OPC UA server failed to start: {self._error}") from self._error
-        return self
+        return super().start(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._thread = None
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._main())
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._error = exc
-            log.exception("opcua: server stopped with an error")
-        finally:
-            self._started.set()
-            loop.close()
+        self._join(timeout)
 
     async def _main(self) -> None:
         s = self.settings
