@@ -28,31 +28,11 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-class Verdicts:
-    def __init__(self):
-        self.items, self.cv = [], threading.Condition()
-
-    def __call__(self, v):
-        with self.cv:
-            self.items.append(v)
-            self.cv.notify_all()
-
-    def wait(self, n: int, timeout: float = 120.0) -> None:
-        with self.cv:
-            if not self.cv.wait_for(lambda: len(self.items) >= n, timeout):
-                raise TimeoutError(f"{len(self.items)} of {n} verdicts after {timeout} s")
-
-    def __len__(self) -> int:
-        with self.cv:
-            return len(self.items)
 
 
 def main() -> int:
@@ -86,7 +66,7 @@ def main() -> int:
     from inspector.io import list_images, read_image
     from inspector.line.fakecam import fake_camera
     from inspector.line.genicam import GenICamSettings, GenICamSource
-    from inspector.line.pipeline import LinePipeline, latency_stats
+    from inspector.line.pipeline import LinePipeline, VerdictLog, latency_stats
     from inspector.service import Station
 
     if args.threads:
@@ -119,7 +99,7 @@ def main() -> int:
         settings = GenICamSettings(trigger="software", self_trigger=False, roi=(0, 0, args.size, args.size),
                                    timeout_s=1.0, buffers=args.queue + 4)
         cam = Camera(GenICamSource(fake.device_id, settings), backoff=0.2, max_backoff=1.0)
-        got = Verdicts()
+        got = VerdictLog()
         pipe = LinePipeline(station, product, cam, queue_size=args.queue, listeners=[got]).start()
         try:
             deadline = time.monotonic() + 60
@@ -129,13 +109,13 @@ def main() -> int:
                 raise SystemExit(f"line not ready: {pipe.status()}")
             for _ in range(3):  # warm-up (first inspections allocate)
                 pipe.trigger()
-                got.wait(len(got) + 1)
+                got.wait(len(got) + 1, timeout=120)
 
             # 1. latency, one part at a time
             start = len(got)
             for i in range(args.parts):
                 pipe.trigger()
-                got.wait(start + i + 1)
+                got.wait(start + i + 1, timeout=120)
             lat = got.items[start:]
             ids = {v.inspection_id for v in lat}
             rows = [r for r in station.history(limit=args.parts + 50) if r["id"] in ids]
@@ -155,7 +135,7 @@ def main() -> int:
                     sent += 1
                 else:
                     time.sleep(0.002)
-            got.wait(start + sent)
+            got.wait(start + sent, timeout=120)
             elapsed = time.monotonic() - t0
             sus = got.items[start:start + sent]
             result["sustained"] = {"parts": sent, "seconds": elapsed, "parts_per_s": sent / elapsed,

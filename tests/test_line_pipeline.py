@@ -10,7 +10,7 @@ from _line_fakecam import fake_camera
 from _line_station import make_station
 
 from inspector.camera import Camera
-from inspector.line.pipeline import LinePipeline, latency_stats
+from inspector.line.pipeline import LinePipeline, VerdictLog, latency_stats
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -27,21 +27,6 @@ def _camera(device_id: str, **kw) -> Camera:
     return Camera(GenICamSource(device_id, s), backoff=0.2, max_backoff=0.5)
 
 
-class Collector:
-    def __init__(self):
-        self.items, self.cv = [], threading.Condition()
-
-    def __call__(self, v):
-        with self.cv:
-            self.items.append(v)
-            self.cv.notify_all()
-
-    def wait(self, n: int, timeout: float = 60.0):
-        with self.cv:
-            assert self.cv.wait_for(lambda: len(self.items) >= n, timeout), f"{len(self.items)} of {n} verdicts"
-            return list(self.items)
-
-
 def _wait(pred, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not pred():
@@ -51,7 +36,7 @@ def _wait(pred, timeout=30.0):
 
 def test_one_verdict_per_trigger_recorded_with_frame_id(station):
     with fake_camera() as fake:
-        got = Collector()
+        got = VerdictLog()
         pipe = LinePipeline(station, "pa", _camera(fake.device_id), queue_size=2, listeners=[got]).start()
         try:
             assert _wait(lambda: pipe.ready), pipe.status()
@@ -89,7 +74,7 @@ class SlowStation:
 def test_full_queue_drops_are_counted_recorded_and_published(station):
     slow = SlowStation(station)
     with fake_camera() as fake:
-        got = Collector()
+        got = VerdictLog()
         pipe = LinePipeline(slow, "pa", _camera(fake.device_id), queue_size=1, listeners=[got]).start()
         try:
             assert _wait(lambda: pipe.ready), pipe.status()
@@ -118,7 +103,7 @@ def test_every_trigger_ends_in_a_verdict_even_when_the_camera_skips_it(station):
     """Triggers faster than the camera's frame period: the camera ignores some; each of those
     still ends as a dropped part (after trigger_timeout_s), none is silently lost."""
     with fake_camera() as fake:
-        got = Collector()
+        got = VerdictLog()
         pipe = LinePipeline(station, "pa", _camera(fake.device_id), queue_size=8, trigger_timeout_s=1.0,
                             listeners=[got]).start()
         try:
@@ -139,7 +124,7 @@ def test_every_trigger_ends_in_a_verdict_even_when_the_camera_skips_it(station):
 
 def test_trigger_without_camera_is_a_dropped_part(station):
     with fake_camera() as fake:
-        got = Collector()
+        got = VerdictLog()
         pipe = LinePipeline(station, "pa", _camera(fake.device_id + "-absent"), listeners=[got]).start()
         try:
             assert not _wait(lambda: pipe.ready, 2.0)

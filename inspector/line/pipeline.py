@@ -67,6 +67,31 @@ class _Job:
 Listener = Callable[[LineVerdict], None]
 
 
+class VerdictLog:
+    """A pipeline listener that keeps every verdict in order and lets a caller wait for the
+    n-th one (tests, the line bench, a supervising script)."""
+
+    def __init__(self):
+        self.items: list[LineVerdict] = []
+        self.cv = threading.Condition()
+
+    def __call__(self, v: LineVerdict) -> None:
+        with self.cv:
+            self.items.append(v)
+            self.cv.notify_all()
+
+    def wait(self, n: int, timeout: float = 60.0) -> list[LineVerdict]:
+        """All verdicts so far once there are at least ``n``; TimeoutError otherwise."""
+        with self.cv:
+            if not self.cv.wait_for(lambda: len(self.items) >= n, timeout):
+                raise TimeoutError(f"{len(self.items)} of {n} verdicts after {timeout} s")
+            return list(self.items)
+
+    def __len__(self) -> int:
+        with self.cv:
+            return len(self.items)
+
+
 @dataclass
 class LinePipeline:
     """See module docstring. ``station`` is an :class:`inspector.service.Station`."""
