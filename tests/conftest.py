@@ -89,3 +89,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_after_rows(proc, watcher, batch_id: str, rows: int, timeout: float) -> int:
+    """SIGKILL a running batch process (``subprocess.Popen`` with stderr piped) once ``watcher``
+    (a Store) counts ``rows`` results of ``batch_id``; returns the process's exit code. Fails the
+    test if the batch ends first or no rows appear in ``timeout`` s."""
+    import signal
+    import time
+
+    try:
+        deadline = time.time() + timeout
+        while watcher.count(batch_id=batch_id) < rows:
+            assert proc.poll() is None, f"batch ended before it could be killed: {proc.stderr.read()[-3000:]!r}"
+            assert time.time() < deadline, "no rows appeared"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode

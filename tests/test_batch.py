@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import kill_after_rows
 
 from inspector.batch import batch_id_for, iter_files, run_batch
 from inspector.io import read_image, write_image
@@ -108,18 +108,7 @@ def test_kill_9_mid_batch_then_rerun_records_each_image_exactly_once(station, br
     watcher = Store(station.store.url)
     proc = subprocess.Popen([sys.executable, "-m", "inspector", *args], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 180
-        while watcher.count(batch_id=bid) < 6:
-            assert proc.poll() is None, f"batch ended before it could be killed: {proc.stderr.read()!r}"
-            assert time.time() < deadline, "no rows appeared"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_after_rows(proc, watcher, bid, 6, timeout=180) == -signal.SIGKILL
     partial = watcher.count(batch_id=bid)
     assert 6 <= partial < len(files), partial  # really killed mid-batch
     from inspector.cli import main

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from conftest import kill_after_rows
 
 from inspector.batch import batch_id_for, run_batch
 from inspector.io import write_image
@@ -178,17 +179,7 @@ def test_killed_driver_then_rerun_from_the_station_resumes(ray_cluster, station,
                              "--data-dir", str(station.data_dir), "--engine", "ray", "--address", ray_cluster,
                              "--workers", "1", "--batch-size", "2", "--heatmaps", "none", "--no-progress",
                              "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while watcher.count(batch_id=bid) < 4:
-            assert proc.poll() is None, f"batch ended before it could be killed: {proc.stderr.read()[-3000:]!r}"
-            assert time.time() < deadline, "no rows appeared"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_rows(proc, watcher, bid, 4, timeout=240)
     partial = watcher.count(batch_id=bid)
     assert 4 <= partial < len(files) + 1, partial
     # the rerun comes from the station's Batch tab, configured to submit to this Ray cluster
