@@ -148,7 +148,17 @@ def _upload(pg, selector: str, path) -> None:
         clear.first.click()
     pg.locator(f"{selector} input[type=file]").wait_for(state="attached")
     pg.locator(f"{selector} input[type=file]").set_input_files(str(path))
-    pg.locator(selector).get_by_text(Path(path).name).first.wait_for(timeout=150_000)
+    # the preview shows the name as "stem ext" in two spans (whitespace between them), so match
+    # the visible text with whitespace removed; an upload-progress line with the name is not enough
+    try:
+        pg.wait_for_function(
+            """([sel, name]) => { const el = document.querySelector(sel);
+                                  return el && !el.querySelector('.uploading, progress')
+                                     && el.innerText.replace(/\\s+/g, '').includes(name); }""",
+            arg=[selector, Path(path).name], timeout=150_000, polling=250)
+    except Exception:
+        print("DOM of", selector, ":", pg.locator(selector).inner_html()[:4000])
+        raise
     # the last verdict was replaced at once: it is not this file's
     pg.locator("#inspect-verdict").get_by_text("Not ", exact=False).first.wait_for(timeout=150_000)
 
