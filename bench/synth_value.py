@@ -61,6 +61,24 @@ TEXTURES = ("brick", "gravel", "grass")
 #: generator=None: the detector's own default (GraphCore's head trains on weight-free defects then)
 DEFAULT_FIT = "default fit (generator=None)"
 KIND_OF = {"stain": "perlin", "misplaced": "cutpaste", "scratch": "scar"}
+NO_HEAD = "no generated defects (head off)"
+WEIGHT_FREE = "weight-free (the default fit)"
+
+
+def sampler_counts(diffusion) -> dict:
+    return dict(diffusion.stats) if diffusion is not None else {}
+
+
+def counts_since(diffusion, before: dict) -> dict:
+    """What the diffusion sampler did since ``before``: defects it made, fallbacks, rejections."""
+    return {k: v - before.get(k, 0) for k, v in diffusion.stats.items()}
+
+
+def _sampler_note(st: dict | None) -> str:
+    if not st:
+        return ""
+    return (f"{st.get('diffusion', 0)} diffusion / {st.get('fallback', 0)} fallback; rejected: "
+            f"{st.get('rejected_empty', 0)} empty mask, {st.get('rejected_iou', 0)} mask-vs-change IoU")
 
 
 def rates(normal: np.ndarray, defect: np.ndarray, t) -> dict:
@@ -190,9 +208,11 @@ def run_product(product, args, bb, cls, reg, diffusion, takes_generator, log) ->
     if product == "textile":
         for name, gen in (("weight-free", "fallback"), ("diffusion", diffusion)):
             t0 = time.perf_counter()
+            before = sampler_counts(diffusion)
             th, _, dsc = cal(gen)
             rows[name] = {"thresholds": th.to_dict(), "defect_scores": dsc,
                           "seconds": time.perf_counter() - t0,
+                          **({"sampler": counts_since(diffusion, before)} if name == "diffusion" else {}),
                           **{t: rates(s_norm, s_def[t], th) for t in defects}}
             log(f"  calibrated with {name} defects: {time.perf_counter() - t0:.1f} s")
     else:
@@ -218,17 +238,36 @@ def run_product(product, args, bb, cls, reg, diffusion, takes_generator, log) ->
         m = compute_metrics(r.scores.numpy(), labels, r.maps, masks, pixel_known=pix | (labels == 0))
         return {"image_auroc": m["image_auroc"], "pixel_aupro": m["pixel_aupro"]}
 
-    tv[DEFAULT_FIT] = {**metrics(det), "fit_s": None}
-    if takes_generator:
-        gens = {"weight-free": "fallback"}
+    def fitted(name, seeds, generator=None, **cfg):
+        """Fit over ``seeds`` (head init, training draws and generated defects change with the seed)."""
+        per, secs, counts = [], [], {}
+        for seed in seeds:
+            t0 = time.perf_counter()
+            before = sampler_counts(diffusion)
+            d = cls(bb, seed=seed, **cfg).fit(bb.preprocess(shots), generator=generator)
+            secs.append(time.perf_counter() - t0)
+            if diffusion is not None and name in ("diffusion", "both"):
+                for k, v in counts_since(diffusion, before).items():
+                    counts[k] = counts.get(k, 0) + v
+            per.append(metrics(d))
+        row = {k: float(np.mean([m[k] for m in per])) for k in ("image_auroc", "pixel_aupro")}
+        row.update({f"{k}_std": float(np.std([m[k] for m in per])) for k in ("image_auroc", "pixel_aupro")})
+        row.update(per_seed=per, seeds=list(seeds), fit_s=float(np.mean(secs)), **({"sampler": counts} if counts else {}))
+        log(f"  fit with {name}: AUROC {100 * row['image_auroc']:.1f} ± {100 * row['image_auroc_std']:.1f}, "
+            f"{row['fit_s']:.1f} s/fit")
+        return row
+
+    seeds = list(range(args.fit_seeds))
+    if not takes_generator:
+        tv[DEFAULT_FIT] = {**metrics(det), "fit_s": None}
+    else:
+        # the same detector without its learned head: what training on generated defects adds
+        tv[NO_HEAD] = fitted(NO_HEAD, seeds, head=False)
+        gens = {WEIGHT_FREE: "fallback"}
         if diffusion is not None and product == "textile" and not args.no_diffusion_training:
             gens.update({"diffusion": diffusion, "both": Both(diffusion)})
         for name, g in gens.items():
-            t0 = time.perf_counter()
-            d = cls(bb).fit(bb.preprocess(shots), generator=_resolve(g))
-            fit_s = time.perf_counter() - t0
-            tv[name] = {**metrics(d), "fit_s": fit_s}
-            log(f"  fit with {name} defects: {fit_s:.1f} s")
+            tv[name] = fitted(name, seeds, _resolve(g))
     return {"n_normals": n_norm, "defects": {t: len(v) for t, v in defects.items()},
             "calibration": rows, "training_value": tv, "normal_calibration_scores": normal_cal}
 
@@ -254,6 +293,9 @@ def main() -> int:
     ap.add_argument("--merge", action="store_true",
                     help="keep the products (and diffusion cost) of an earlier synth_value.json that this run does "
                          "not measure (run the products in several sessions)")
+    ap.add_argument("--fit-seeds", type=int, default=3,
+                    help="training value: fits per row (seeds 0..N-1); one fit's head training moves textile AUROC "
+                         "by several points")
     ap.add_argument("--no-diffusion-training", action="store_true",
                     help="training value: skip the diffusion / both fits (each generates 24 diffusion defects)")
     ap.add_argument("--render", nargs="+", metavar="JSON",
@@ -366,12 +408,21 @@ def _deltas(r: dict) -> list[str]:
     out = ["", f"Diffusion minus weight-free calibration on textile (points): {'; '.join(parts)}; "
                f"FRR@OK {100 * fr:+.0f}, FRR@NG {100 * frg:+.0f}."]
     tv = t["training_value"]
-    if "diffusion" in tv and "weight-free" in tv:
-        a, b = tv["diffusion"], tv["weight-free"]
+    wf = next((k for k in tv if k.startswith("weight-free")), None)
+    if "diffusion" in tv and wf:
+        a, b = tv["diffusion"], tv[wf]
         au = "-" if a["image_auroc"] is None or b["image_auroc"] is None else f"{100 * (a['image_auroc'] - b['image_auroc']):+.1f}"
         ap = "-" if a["pixel_aupro"] is None or b["pixel_aupro"] is None else f"{100 * (a['pixel_aupro'] - b['pixel_aupro']):+.1f}"
         out[-1] += f" Training the head on diffusion instead of weight-free defects: image AUROC {au}, AUPRO {ap}."
     return out
+
+
+def _pm(v: dict, key: str) -> str:
+    """Mean ± std over fit seeds (or the single value of an older run)."""
+    if v.get(key) is None:
+        return "-"
+    std = v.get(f"{key}_std")
+    return f"{100 * v[key]:.1f} ± {100 * std:.1f}" if std is not None else f"{100 * v[key]:.0f}"
 
 
 def _pct(x) -> str:
@@ -396,19 +447,27 @@ def render(r: dict) -> str:
                 x = v[t]
                 lines.append(f"| {p} | {t} (n={n}) | {row} | {_pct(x['frr_ok'])} | {_pct(x['frr_ng'])} | "
                              f"{_pct(x['miss_ok'])} | {_pct(x['miss_ng'])} |")
+    t = r["products"].get("textile", {}).get("calibration", {}).get("diffusion", {})
+    if t.get("sampler"):
+        lines += ["", f"The textile 'diffusion' calibration set: {_sampler_note(t['sampler'])} (a rejected draw is "
+                      "redrawn up to 3 times, then replaced by a weight-free defect)."]
     lines += ["", "Real normals per product: " + ", ".join(f"{p} {pr['n_normals']}" for p, pr in r["products"].items())
               + ". Texture products: the weight-free generator draws only the kinds *other* than the test type "
               "(stain=perlin, misplaced=cutpaste, scratch=scar).", ""]
     lines += ["**Training value** (the detector's learned parts trained on generated defects; real defects, %):", "",
-              "| product | fit | image AUROC | AUPRO@30 | fit s |", "|---|---|---|---|---|"]
+              "| product | fit | image AUROC | AUPRO@30 | fit s | diffusion sampler |", "|---|---|---|---|---|---|"]
     for p, pr in r["products"].items():
         for name, v in pr["training_value"].items():
             name = DEFAULT_FIT if name.startswith("plain fit") else name
-            lines.append(f"| {p} | {name} | {_pct(v['image_auroc'])} | {_pct(v['pixel_aupro'])} | "
-                         + ("-" if v.get("fit_s") is None else f"{v['fit_s']:.1f}") + " |")
+            lines.append(f"| {p} | {name} | {_pm(v, 'image_auroc')} | {_pm(v, 'pixel_aupro')} | "
+                         + ("-" if v.get("fit_s") is None else f"{v['fit_s']:.1f}") + " | "
+                         + (_sampler_note(v.get("sampler")) or "-") + " |")
     if r["fit_takes_generator"]:
-        lines += ["", "With generator=None GraphCore trains its head on weight-free defects, so the default and "
-                      "weight-free rows are the same fit."]
+        n = r["args"].get("fit_seeds", 1)
+        lines += ["", f"Mean ± std over {n} fits (seeds 0-{n - 1}: head initialisation, training draws and generated "
+                      "defects). With generator=None GraphCore trains its head on weight-free defects: that row is the "
+                      "product's default fit. 'head off' is the same detector (bank distance + global branch) with no "
+                      "generated defect at all."]
     if r["args"].get("no_diffusion_training"):
         lines += ["", "The diffusion / both training rows were not run (`--no-diffusion-training`): on this shared CPU "
                       "each fit's 24 diffusion defects cost minutes (see the cost table)."]
@@ -424,12 +483,15 @@ def render(r: dict) -> str:
         st = d["stats"]
         lines.append(f"| diffusion ({d['parameters'] / 1e6:.1f} M params) | {d['train_s']:.0f} s on {d['train_device']} "
                      f"({a['train']} real local defects, estimated masks) | {d['ms_per_defect']:.0f} | "
-                     f"{st.get('diffusion', 0)} diffusion / {st.get('fallback', 0)} fallback; rejected: "
-                     f"{st.get('rejected_empty', 0)} empty mask, {st.get('rejected_iou', 0)} mask-vs-change IoU |")
-        if st.get("fallback", 0) > st.get("diffusion", 0):
-            lines += ["", f"Most diffusion draws were rejected and replaced by weight-free defects ({st.get('fallback', 0)} "
-                          f"of {st.get('fallback', 0) + st.get('diffusion', 0)} in the cost run), so the 'diffusion' "
-                          "calibration row above probably holds mostly weight-free defects too (its counts were not recorded): this model is not good enough."]
+                     f"{_sampler_note(st)} |")
+        every = [st] + [x.get("sampler") or {} for pr in r["products"].values()
+                        for x in [*pr["calibration"].values(), *pr["training_value"].values()]]
+        made = sum(x.get("diffusion", 0) for x in every)
+        fell = sum(x.get("fallback", 0) for x in every)
+        if fell > made:
+            lines += ["", f"Over the whole run the diffusion sampler made {made} defects and fell back to the weight-free "
+                          f"generator {fell} times: most of its draws fail the mask checks, so the 'diffusion' rows "
+                          "above are mostly weight-free defects and this model is not worth its cost on this CPU."]
     return "\n".join(lines) + "\n"
 
 
