@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench._markdown import splice  # noqa: E402
+
 COLUMNS = ("brick", "gravel", "grass", "textile local", "textile global", "textile", "mean")
 
 
@@ -69,9 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="GraphCore config overrides")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "graphcore_ablation.json"))
     p.add_argument("--md", default=str(ROOT / "bench" / "GRAPHCORE.md"))
+    p.add_argument("--render", action="store_true",
+                   help="no compute: rewrite the markdown and the README section from the --out JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    if args.render:
+        saved = json.loads(Path(args.out).read_text())
+        Path(args.md).write_text(markdown(saved["table"], saved["meta"]))
+        splice(ROOT / "README.md", "graphcore_ablation", readme_summary(saved["table"], saved["meta"]))
+        return 0
     from inspector.backbone import load_backbone
     from inspector.datasets import build_sample
     from inspector.detectors.graphcore import GraphCore, PatchCoreKNN
@@ -146,8 +155,53 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "table": table, "runs": results}, indent=1) + "\n")
     Path(args.md).write_text(markdown(table, meta))
+    splice(ROOT / "README.md", "graphcore_ablation", readme_summary(table, meta))
     print(markdown(table, meta))
     return 0
+
+
+BASELINES = ("patchcore", "patchcore-aug[fixed]", "anomalib-patchcore")
+SUMMARY = (("PatchCore", "patchcore"), ("PatchCore, augmented bank", "patchcore-aug[fixed]"),
+           ("anomalib PatchCore", "anomalib-patchcore"), ("GraphCore (default: fixed)", "graphcore[fixed]"),
+           ("without head", "graphcore[fixed]-head"), ("without global", "graphcore[fixed]-global"),
+           ("GraphCore free", "graphcore[free]"))
+PRODUCT_COLUMNS = ("brick", "gravel", "grass", "textile local", "textile global")
+
+
+def readme_summary(table: list[dict], meta: dict) -> str:
+    """The README's view of the ablation: mean per variant and k, then every product column where
+    the default GraphCore is below the best baseline (generated, so it is never stale)."""
+    by = {(r["variant"], r["k"]): r for r in table}
+
+    def cell(v, k, col="mean"):
+        r = by.get((v, k))
+        return None if r is None or r[col] is None else r[col]
+
+    lines = [f"`{meta['command'].strip()}`: seeds {meta['seeds']}, {meta['size']} px, image AUROC % "
+             "(mean ± std over seeds; `mean` = brick, gravel, grass and textile local + global):", "",
+             "| k | " + " | ".join(n for n, _ in SUMMARY) + " | margin over best baseline |",
+             "|---|" + "---|" * (len(SUMMARY) + 1)]
+    losses = []
+    for k in meta["shots"]:
+        cells = []
+        for _, v in SUMMARY:
+            c = cell(v, k)
+            cells.append("-" if c is None else f"{100 * c[0]:.1f} ± {100 * c[1]:.1f}")
+        base = [cell(b, k) for b in BASELINES if cell(b, k) is not None]
+        gc = cell("graphcore[fixed]", k)
+        margin = "-" if gc is None or not base else f"{100 * (gc[0] - max(b[0] for b in base)):+.1f}"
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {margin} |")
+        for col in PRODUCT_COLUMNS:
+            g = cell("graphcore[fixed]", k, col)
+            bs = [(cell(b, k, col), b) for b in BASELINES if cell(b, k, col) is not None]
+            if g is None or not bs:
+                continue
+            (best, _), name = max(bs, key=lambda x: x[0][0])
+            if g[0] < best:
+                losses.append(f"{col} at k = {k}: {100 * g[0]:.1f} against {100 * best:.1f} ({name})")
+    lines += ["", "Where the default GraphCore is below the best baseline: "
+              + ("; ".join(losses) if losses else "nowhere") + "."]
+    return "\n".join(lines) + "\n"
 
 
 def summarize(results: dict[str, dict[str, float]], shots, seeds) -> list[dict]:
