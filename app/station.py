@@ -607,7 +607,8 @@ class StationApp:
         sev = severity_markdown(cal, t.ok_below, t.ng_above)
         note = f"{note}\n\n{sev}" if sev else note
         if preview:
-            return fig, gr.skip(), gr.skip(), table, note + " Not saved yet."
+            # first, not last: appended after the severity table it would be swallowed by its last row
+            return fig, gr.skip(), gr.skip(), table, f"**Preview, not saved yet.** {note}"
         (lo, hi, step), nd = self._slider_range(p)
         return (fig, gr.update(minimum=lo, maximum=hi, value=round(t.ok_below, nd), step=step),
                 gr.update(minimum=lo, maximum=hi, value=round(t.ng_above, nd), step=step), table, note)
@@ -952,7 +953,7 @@ class StationApp:
                     timer = gr.Timer(cfg.live_interval, active=False)
 
                 # -- Register
-                with gr.Tab("Register", id="register"):
+                with gr.Tab("Register", id="register") as register_tab:
                     with gr.Row(equal_height=False):
                         with gr.Column(scale=2):
                             gr.Markdown("### New product\nUpload 1–8 images of good parts. Registration fits the "
@@ -1107,11 +1108,16 @@ class StationApp:
             # .input (user picks), not .change: register/load already return the calibration view, and a
             # second, late refresh would reset sliders the engineer is moving
             cb_product.input(self.on_calibration_select, [cb_product], calib_outs, api_name=False)
+            # arriving at the tab: the saved thresholds and the inspections made since the last visit
+            register_tab.select(self.on_calibration_select, [cb_product], calib_outs, api_name=False,
+                                show_progress="hidden")
             for s in (cb_ok, cb_ng):
                 # .input: user moves only (a programmatic update must not re-validate against old bounds)
                 s.input(self.on_threshold_preview, [cb_product, cb_ok, cb_ng], calib_outs, show_progress="hidden",
                         trigger_mode="always_last", api_name=False)
-            cb_save.click(self.on_threshold_save, [cb_product, cb_ok, cb_ng], [cb_saved], api_name="set_thresholds")
+            cb_save.click(self.on_threshold_save, [cb_product, cb_ok, cb_ng], [cb_saved], api_name="set_thresholds"
+                          ).success(self.on_calibration_select, [cb_product], calib_outs, api_name=False,
+                                    show_progress="hidden")  # the view now shows what is saved, not a preview
             cb_product.input(lambda: "", None, [cb_saved], api_name=False)
 
             bt_btn.click(self.on_batch, [bt_product, bt_folder, bt_zip, bt_rescore], [bt_status, bt_table, bt_files],

@@ -280,14 +280,29 @@ def _scenario(server, pg, images, artifacts_dir):
     # -- engineer moves the threshold sliders between the two parts (live re-verdict of the
     # recent inspections), saves; then the operator's verdicts are OK and NG
     pg.get_by_role("tab", name="Register").click()
+    # arriving refreshes the view: the two inspections made since registering are listed
+    pg.wait_for_function("document.querySelector('#calib-note').innerText.includes('2 recent inspections')",
+                         timeout=60_000)
+    _settle(pg)
     gap = bad0["score"] - good0["score"]
     ok_below = round(good0["score"] + 0.4 * gap, 3)
     ng_above = round(good0["score"] + 0.6 * gap, 3)
     _set_slider(pg, "calib-ng", ng_above)
     _set_slider(pg, "calib-ok", ok_below)
-    _settle(pg)  # the live re-verdict preview has answered
+    # the live re-verdict preview answers for the last slider move: both recent inspections
+    # re-judged under the new values, marked as not saved yet
+    moved = Thresholds(ok_below, ng_above)
+    n_changed = sum(str(moved.decide(x["score"])) != x["verdict"] for x in (good0, bad0))
+    pg.wait_for_function("""(want) => { const t = document.querySelector('#calib-note').innerText;
+                                        return t.startsWith('Preview, not saved yet.') && t.includes(want); }""",
+                         arg=f"2 recent inspections; {n_changed} would change verdict", timeout=60_000)
+    _settle(pg)
     pg.locator("#calib-save").click()
     pg.locator("#calib-saved").get_by_text("Saved thresholds").wait_for()
+    # and the view says what is saved: no preview banner, the same two inspections
+    pg.wait_for_function("""() => { const t = document.querySelector('#calib-note').innerText;
+                                    return !t.includes('not saved') && t.includes('2 recent inspections'); }""",
+                         timeout=60_000)
     saved = Thresholds.from_dict(json.loads(product_json.read_text())["thresholds"])
     assert saved.ok_below == pytest.approx(ok_below, abs=2e-3) and saved.ng_above == pytest.approx(ng_above, abs=2e-3)
     _settle(pg)
