@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.render:
         saved = json.loads(Path(args.out).read_text())
-        Path(args.md).write_text(markdown(saved["table"], saved["meta"]))
-        splice(ROOT / "README.md", "graphcore_ablation", readme_summary(saved["table"], saved["meta"]))
+        write_tables(saved["table"], saved["meta"], args.md)
         return 0
     from inspector.backbone import load_backbone
     from inspector.datasets import build_sample
@@ -154,10 +153,16 @@ def main(argv: list[str] | None = None) -> int:
             "load_avg_1m": os.getloadavg()[0], "torch": torch.__version__, "threads": args.threads}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "table": table, "runs": results}, indent=1) + "\n")
-    Path(args.md).write_text(markdown(table, meta))
-    splice(ROOT / "README.md", "graphcore_ablation", readme_summary(table, meta))
-    print(markdown(table, meta))
+    print(write_tables(table, meta, args.md))
     return 0
+
+
+def write_tables(table: list[dict], meta: dict, md_path: str) -> str:
+    """``bench/GRAPHCORE.md`` and the README's section, from one run's table; returns the markdown."""
+    md = markdown(table, meta)
+    Path(md_path).write_text(md)
+    splice(ROOT / "README.md", "graphcore_ablation", readme_summary(table, meta))
+    return md
 
 
 BASELINES = ("patchcore", "patchcore-aug[fixed]", "anomalib-patchcore")

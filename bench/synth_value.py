@@ -240,19 +240,18 @@ def run_product(product, args, bb, cls, reg, diffusion, takes_generator, log) ->
 
     def fitted(name, seeds, generator=None, **cfg):
         """Fit over ``seeds`` (head init, training draws and generated defects change with the seed)."""
-        per, secs, counts = [], [], {}
+        per, secs = [], []
+        before = sampler_counts(diffusion)
         for seed in seeds:
             t0 = time.perf_counter()
-            before = sampler_counts(diffusion)
             d = cls(bb, seed=seed, **cfg).fit(bb.preprocess(shots), generator=generator)
             secs.append(time.perf_counter() - t0)
-            if diffusion is not None and name in ("diffusion", "both"):
-                for k, v in counts_since(diffusion, before).items():
-                    counts[k] = counts.get(k, 0) + v
             per.append(metrics(d))
         row = {k: float(np.mean([m[k] for m in per])) for k in ("image_auroc", "pixel_aupro")}
         row.update({f"{k}_std": float(np.std([m[k] for m in per])) for k in ("image_auroc", "pixel_aupro")})
-        row.update(per_seed=per, seeds=list(seeds), fit_s=float(np.mean(secs)), **({"sampler": counts} if counts else {}))
+        row.update(per_seed=per, seeds=list(seeds), fit_s=float(np.mean(secs)))
+        if diffusion is not None and name in ("diffusion", "both"):  # only these fits draw from the sampler
+            row["sampler"] = counts_since(diffusion, before)
         log(f"  fit with {name}: AUROC {100 * row['image_auroc']:.1f} ± {100 * row['image_auroc_std']:.1f}, "
             f"{row['fit_s']:.1f} s/fit")
         return row
@@ -338,9 +337,9 @@ def main() -> int:
     ref_normals = load_product(args.products[0], args.shots)[1][:4]
     cost["weight-free"] = {"ms_per_defect": per_defect_ms("fallback", ref_normals, args.cost_n, args.seed)}
     if diffusion is not None:
-        before = dict(diffusion.stats)
+        before = sampler_counts(diffusion)
         ms = per_defect_ms(diffusion, ref_normals, args.cost_n, args.seed)
-        after = {k: diffusion.stats[k] - before.get(k, 0) for k in diffusion.stats}
+        after = counts_since(diffusion, before)
         cost["diffusion"] = {"ms_per_defect": ms, "train_s": training.get("seconds"),
                              "train_device": training.get("device"), "stats": after,
                              "parameters": sum(diffusion.parameters_count.values())}
