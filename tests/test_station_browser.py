@@ -163,6 +163,14 @@ def _upload(pg, selector: str, path) -> None:
     pg.locator("#inspect-verdict").get_by_text("Not ", exact=False).first.wait_for(timeout=150_000)
 
 
+def _wait_calib_note(pg, text: str, preview: bool) -> None:
+    """Wait until the Register tab's note says ``text`` and is (or is not) an unsaved preview."""
+    pg.wait_for_function("""([want, preview]) => { const t = document.querySelector('#calib-note').innerText;
+                                                   return t.includes(want)
+                                                       && t.startsWith('Preview, not saved yet.') === preview; }""",
+                         arg=[text, preview], timeout=60_000)
+
+
 def _set_slider(pg, elem_id: str, value: float) -> None:
     box = pg.locator(f"#{elem_id} input[type=number]")
     box.fill(f"{value:.4f}")
@@ -281,8 +289,7 @@ def _scenario(server, pg, images, artifacts_dir):
     # recent inspections), saves; then the operator's verdicts are OK and NG
     pg.get_by_role("tab", name="Register").click()
     # arriving refreshes the view: the two inspections made since registering are listed
-    pg.wait_for_function("document.querySelector('#calib-note').innerText.includes('2 recent inspections')",
-                         timeout=60_000)
+    _wait_calib_note(pg, "2 recent inspections", preview=False)
     _settle(pg)
     gap = bad0["score"] - good0["score"]
     ok_below = round(good0["score"] + 0.4 * gap, 3)
@@ -293,16 +300,12 @@ def _scenario(server, pg, images, artifacts_dir):
     # re-judged under the new values, marked as not saved yet
     moved = Thresholds(ok_below, ng_above)
     n_changed = sum(str(moved.decide(x["score"])) != x["verdict"] for x in (good0, bad0))
-    pg.wait_for_function("""(want) => { const t = document.querySelector('#calib-note').innerText;
-                                        return t.startsWith('Preview, not saved yet.') && t.includes(want); }""",
-                         arg=f"2 recent inspections; {n_changed} would change verdict", timeout=60_000)
+    _wait_calib_note(pg, f"2 recent inspections; {n_changed} would change verdict", preview=True)
     _settle(pg)
     pg.locator("#calib-save").click()
     pg.locator("#calib-saved").get_by_text("Saved thresholds").wait_for()
     # and the view says what is saved: no preview banner, the same two inspections
-    pg.wait_for_function("""() => { const t = document.querySelector('#calib-note').innerText;
-                                    return !t.includes('not saved') && t.includes('2 recent inspections'); }""",
-                         timeout=60_000)
+    _wait_calib_note(pg, "2 recent inspections", preview=False)
     saved = Thresholds.from_dict(json.loads(product_json.read_text())["thresholds"])
     assert saved.ok_below == pytest.approx(ok_below, abs=2e-3) and saved.ng_above == pytest.approx(ng_above, abs=2e-3)
     _settle(pg)
