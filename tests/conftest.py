@@ -57,14 +57,27 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+def random_crop(image: np.ndarray, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """One ``size`` square crop of ``image`` at a position drawn from ``rng``."""
+    y, x = rng.integers(0, image.shape[0] - size, 2)
+    return np.ascontiguousarray(image[y:y + size, x:x + size])
+
+
 def random_crops(image: np.ndarray, n: int, size: int = 96, seed: int = 0) -> list[np.ndarray]:
     """``n`` square crops of ``image`` at seeded random positions."""
     gen = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        y, x = gen.integers(0, image.shape[0] - size, 2)
-        out.append(np.ascontiguousarray(image[y:y + size, x:x + size]))
-    return out
+    return [random_crop(image, gen, size) for _ in range(n)]
+
+
+def brick_station(tmp_path_factory, brick: np.ndarray, name: str):
+    """A Station in a fresh ``name`` folder with one tiny product ``brick`` (PatchCore on the tiny
+    CNN at 64 px, two 96 px brick crops): what the batch and hardening tests run against."""
+    from inspector.service import Station
+
+    st = Station(tmp_path_factory.mktemp(name) / "data", device="cpu")
+    st.registry.register("brick", random_crops(brick, 2, 96, seed=0), detector="patchcore",
+                         backbone="tiny-cnn", image_size=64, n_synthetic=2)
+    return st
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import kill_after_rows
+from conftest import brick_station, kill_after_rows, random_crop
 
 from inspector.batch import batch_id_for, iter_files, run_batch
 from inspector.io import read_image, write_image
-from inspector.service import Station
 from inspector.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,23 +26,14 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _crop(brick, rng, size=64):
-    y, x = rng.integers(0, brick.shape[0] - size, 2)
-    return np.ascontiguousarray(brick[y:y + size, x:x + size])
-
-
 @pytest.fixture(scope="module")
 def station(tmp_path_factory, brick):
-    st = Station(tmp_path_factory.mktemp("batch") / "data", device="cpu")
-    rng = np.random.default_rng(0)
-    st.registry.register("brick", [_crop(brick, rng, 96) for _ in range(2)], detector="patchcore",
-                         backbone="tiny-cnn", image_size=64, n_synthetic=2)
-    return st
+    return brick_station(tmp_path_factory, brick, "batch")
 
 
 def _good_folder(folder: Path, brick, n: int, seed: int = 0) -> list[Path]:
     rng = np.random.default_rng(seed)
-    return [write_image(folder / f"img{i:04d}.png", _crop(brick, rng)) for i in range(n)]
+    return [write_image(folder / f"img{i:04d}.png", random_crop(brick, rng)) for i in range(n)]
 
 
 def _cli(*args, env=None, timeout=240):
@@ -55,7 +45,7 @@ def test_mixed_folder_scores_good_files_and_records_each_bad_one(station, brick,
     folder = tmp_path / "mixed"
     good = _good_folder(folder, brick, 5)
     rng = np.random.default_rng(1)
-    rgb = _crop(brick, rng, 100)
+    rgb = random_crop(brick, rng, 100)
     cv2.imwrite(str(folder / "sixteen.png"), rgb.astype(np.uint16) * 257)  # 16-bit: valid
     assert cv2.imread(str(folder / "sixteen.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
     cv2.imwrite(str(folder / "sub" / "alpha.png") if (folder / "sub").mkdir() is None else "",
@@ -156,7 +146,7 @@ def musc_product(station, brick):
     """The MuSc product, registered by whichever test needs it first (tests run in random order)."""
     if not station.registry.exists("brick-musc"):
         rng = np.random.default_rng(4)
-        station.registry.register("brick-musc", [_crop(brick, rng, 96) for _ in range(2)], detector="musc",
+        station.registry.register("brick-musc", [random_crop(brick, rng, 96) for _ in range(2)], detector="musc",
                                   backbone="tiny-cnn", image_size=64, n_synthetic=2)
     return "brick-musc"
 

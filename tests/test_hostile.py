@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import brick_station, random_crop
 from PIL import Image
 
 from inspector.batch import iter_files, run_batch
 from inspector.io import MAX_PIXELS, ImageError, read_image, write_image
 from inspector.paths import decode_source, encode_source
-from inspector.service import Station
 from inspector.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,18 +179,9 @@ print(json.dumps({"cv2": cv, "pil": pil, "rss_kb": peak_kb() - before}))
 # ---------------------------------------------------------------------------------------------
 # a station with one tiny product (module-wide; each test makes its own folders)
 # ---------------------------------------------------------------------------------------------
-def _crop(brick, rng, size=64):
-    y, x = rng.integers(0, brick.shape[0] - size, 2)
-    return np.ascontiguousarray(brick[y:y + size, x:x + size])
-
-
 @pytest.fixture(scope="module")
 def station(tmp_path_factory, brick):
-    st = Station(tmp_path_factory.mktemp("hostile") / "data", device="cpu")
-    rng = np.random.default_rng(0)
-    st.registry.register("brick", [_crop(brick, rng, 96) for _ in range(2)], detector="patchcore",
-                         backbone="tiny-cnn", image_size=64, n_synthetic=2)
-    return st
+    return brick_station(tmp_path_factory, brick, "hostile")
 
 
 def _cli(*args, env=None, timeout=240):
@@ -208,9 +199,9 @@ def _hostile_folder(folder: Path, brick, outside: Path) -> dict[str, str | None]
     folder.mkdir(parents=True)
     expect: dict[str, str | None] = {}
     for i in range(3):
-        write_image(folder / f"good{i}.png", _crop(brick, rng))
+        write_image(folder / f"good{i}.png", random_crop(brick, rng))
         expect[f"good{i}.png"] = None
-    write_image(folder / NON_UTF8, _crop(brick, rng))
+    write_image(folder / NON_UTF8, random_crop(brick, rng))
     expect[NON_UTF8] = None
     os.symlink("loop-b.png", folder / "loop-a.png")
     os.symlink("loop-a.png", folder / "loop-b.png")
@@ -221,7 +212,7 @@ def _hostile_folder(folder: Path, brick, outside: Path) -> dict[str, str | None]
     expect["fifo.png"] = "not a regular file"
     os.symlink(folder, folder / "selflink")
     expect["selflink"] = "link to a folder"
-    write_image(outside / "secret.png", _crop(brick, rng))
+    write_image(outside / "secret.png", random_crop(brick, rng))
     os.symlink(outside / "secret.png", folder / "escape.png")
     expect["escape.png"] = "outside the allowed folders"
     return expect
@@ -286,11 +277,11 @@ def test_unreadable_entries_get_rows_as_an_unprivileged_user(brick):
         base.chmod(0o755)
         folder = base / "line"
         folder.mkdir()
-        write_image(folder / "ok.png", _crop(brick, np.random.default_rng(2)))
-        write_image(folder / "locked.png", _crop(brick, np.random.default_rng(3)))
+        write_image(folder / "ok.png", random_crop(brick, np.random.default_rng(2)))
+        write_image(folder / "locked.png", random_crop(brick, np.random.default_rng(3)))
         (folder / "locked.png").chmod(0)
         (folder / "closed").mkdir()
-        write_image(folder / "closed" / "inner.png", _crop(brick, np.random.default_rng(4)))
+        write_image(folder / "closed" / "inner.png", random_crop(brick, np.random.default_rng(4)))
         (folder / "closed").chmod(0)
         folder.chmod(0o755)
         script = ("import json, sys; from pathlib import Path; from inspector.batch import iter_files, load_file; "
@@ -315,7 +306,7 @@ def test_unreadable_entries_get_rows_as_an_unprivileged_user(brick):
 
 def test_inspect_records_a_non_utf8_name_and_leaves_no_orphan_heatmap(station, brick, tmp_path, monkeypatch):
     path = tmp_path / NON_UTF8
-    write_image(path, _crop(brick, np.random.default_rng(5)))
+    write_image(path, random_crop(brick, np.random.default_rng(5)))
     rec = station.inspect("brick", str(path))
     assert rec.error is None and Path(rec.heatmap_path).is_file()
     assert decode_source(station.store.get(rec.id)["source"]) == str(path)
@@ -335,11 +326,11 @@ def test_inspect_records_a_non_utf8_name_and_leaves_no_orphan_heatmap(station, b
 
 
 def test_cli_inspect_reports_each_bad_file_and_goes_on(station, brick, tmp_path):
-    good = write_image(tmp_path / "good.png", _crop(brick, np.random.default_rng(6)))
+    good = write_image(tmp_path / "good.png", random_crop(brick, np.random.default_rng(6)))
     os.symlink("loop2.png", tmp_path / "loop1.png")
     os.symlink("loop1.png", tmp_path / "loop2.png")
     os.mkfifo(tmp_path / "fifo.png")
-    write_image(tmp_path / NON_UTF8, _crop(brick, np.random.default_rng(7)))
+    write_image(tmp_path / NON_UTF8, random_crop(brick, np.random.default_rng(7)))
     args = [str(tmp_path / "loop1.png"), str(tmp_path / "fifo.png"), str(tmp_path), str(tmp_path / NON_UTF8),
             str(good)]
     res = _cli("inspect", *args, "--product", "brick", "--data-dir", str(station.data_dir), "--device", "cpu",
@@ -369,10 +360,10 @@ def test_bombs_in_a_batch_cost_no_memory(station, tmp_path, brick):
     for fmt, make in BOMBS.items():
         for k in range(2):
             (folder / f"{fmt}{k}{SUFFIX[fmt]}").write_bytes(make())
-    write_image(folder / "good.png", _crop(brick, np.random.default_rng(8)))
+    write_image(folder / "good.png", random_crop(brick, np.random.default_rng(8)))
     good = tmp_path / "good"
     good.mkdir()
-    write_image(good / "good.png", _crop(brick, np.random.default_rng(8)))
+    write_image(good / "good.png", random_crop(brick, np.random.default_rng(8)))
     script = r"""
 import resource, sys
 from inspector.service import Station
@@ -455,7 +446,7 @@ def test_camera_sources_come_from_the_configuration_only(served, brick, tmp_path
     app, url, allowed, _ = served
     outside = tmp_path / "private"
     outside.mkdir()
-    write_image(outside / "a.png", _crop(brick, np.random.default_rng(9)))
+    write_image(outside / "a.png", random_crop(brick, np.random.default_rng(9)))
     os.symlink(outside, allowed / "sneaky")  # a link inside the root to a folder outside it
     srv, hits = _http_server()
     client = _client(url)
@@ -481,7 +472,7 @@ def test_camera_sources_come_from_the_configuration_only(served, brick, tmp_path
     # a folder under the allowed root works, but a frame file linking out of it is not read
     cam = allowed / "line"
     cam.mkdir()
-    write_image(cam / "a.png", _crop(brick, np.random.default_rng(10)))
+    write_image(cam / "a.png", random_crop(brick, np.random.default_rng(10)))
     os.symlink(outside / "a.png", cam / "b.png")
     out = client.predict("brick", str(cam), api_name="/inspect_camera")
     details = next(o for o in out if isinstance(o, dict) and "score" in o)
@@ -565,7 +556,7 @@ def test_uploaded_zip_and_its_extraction_are_deleted_after_the_batch(served, sta
     z = tmp_path / f"upload-{os.getpid()}-probe.zip"
     with zipfile.ZipFile(z, "w") as zf:
         for i in range(2):
-            zf.writestr(f"good{i}.png", _png(_crop(brick, np.random.default_rng(20 + i))))
+            zf.writestr(f"good{i}.png", _png(random_crop(brick, np.random.default_rng(20 + i))))
         zf.writestr("bomb.jpg", bomb_jpeg())
         zf.writestr("bomb.tif", bomb_tiff())
     import re
@@ -591,7 +582,7 @@ def _png(rgb: np.ndarray) -> bytes:
 
 def test_rgba_scores_the_same_in_station_and_cli(served, station, brick, tmp_path):
     """One alpha rule: composited on white by inspector.io, wherever the image comes in."""
-    rgb = _crop(brick, np.random.default_rng(30))
+    rgb = random_crop(brick, np.random.default_rng(30))
     alpha = np.full(rgb.shape[:2], 255, np.uint8)
     alpha[:, : rgb.shape[1] // 2] = 60  # half the part seen through
     path = tmp_path / "rgba.png"
@@ -653,7 +644,7 @@ def test_station_batch_never_reads_through_a_link_out_of_the_roots(served, stati
     app, url, allowed, _ = served
     folder = allowed / "links"
     folder.mkdir()
-    write_image(folder / "good.png", _crop(brick, np.random.default_rng(40)))
+    write_image(folder / "good.png", random_crop(brick, np.random.default_rng(40)))
     os.symlink((station.data_dir / "inspector.db").resolve(), folder / "db.png")
     _client(url).predict("brick", str(folder), None, api_name="/batch")
     rows = {Path(decode_source(r["source"])).name: r for r in station.store.history(limit=None)
