@@ -101,11 +101,7 @@ def test_free_run_stream_with_roi_and_metadata():
         from inspector.line.genicam import discover
 
         assert fake.device_id in [d["id"] for d in discover()]
-        cam = Camera(make_source(f"genicam://{fake.device_id}?roi=8,4,128,96&exposure_us=2000&gain_db=1"))
-        try:
-            frames = [cam.next_frame() for _ in range(4)]
-        finally:
-            cam.close()
+        frames = _frames(f"genicam://{fake.device_id}?roi=8,4,128,96&exposure_us=2000&gain_db=1", 4)
     assert all(f.ok for f in frames), [f.error for f in frames]
     assert {f.image.shape for f in frames} == {(96, 128, 3)}
     ids = [f.meta["frame_id"] for f in frames]
@@ -154,11 +150,7 @@ def test_software_trigger_one_frame_per_trigger():
 @CAMERA_TIMEOUT
 def test_live_tab_spec_self_triggers():
     with fake_camera() as fake:
-        cam = Camera(make_source(f"genicam://{fake.device_id}?trigger=software&roi=0,0,32,32"))
-        try:
-            a, b = cam.next_frame(), cam.next_frame()
-        finally:
-            cam.close()
+        a, b = _frames(f"genicam://{fake.device_id}?trigger=software&roi=0,0,32,32", 2)
     assert a.ok and b.ok and b.meta["frame_id"] == a.meta["frame_id"] + 1
 
 
@@ -187,11 +179,7 @@ def test_reconnects_after_camera_killed_and_restarted():
 @CAMERA_TIMEOUT
 def test_wrong_device_id_is_a_clear_error():
     with fake_camera() as fake:
-        cam = Camera(make_source(f"genicam://{fake.device_id}-NOPE"), backoff=30)
-        try:
-            f = cam.next_frame()
-        finally:
-            cam.close()
+        (f,) = _frames(f"genicam://{fake.device_id}-NOPE", backoff=30)
     assert not f.ok and f.state == "reconnecting"
     assert "not found" in f.error and fake.device_id + "-NOPE" in f.error
 
@@ -199,22 +187,14 @@ def test_wrong_device_id_is_a_clear_error():
 @CAMERA_TIMEOUT
 def test_unsupported_pixel_format_names_the_offered_ones():
     with fake_camera() as fake:
-        cam = Camera(make_source(f"genicam://{fake.device_id}?pixel_format=YUV422_8"), backoff=30)
-        try:
-            f = cam.next_frame()
-        finally:
-            cam.close()
+        (f,) = _frames(f"genicam://{fake.device_id}?pixel_format=YUV422_8", backoff=30)
     assert not f.ok and "YUV422_8" in f.error and "Mono8" in f.error
 
 
 @CAMERA_TIMEOUT
 def test_rgb8_from_camera():
     with fake_camera() as fake:
-        cam = Camera(make_source(f"genicam://{fake.device_id}?pixel_format=RGB8&roi=0,0,48,40"))
-        try:
-            f = cam.next_frame()
-        finally:
-            cam.close()
+        (f,) = _frames(f"genicam://{fake.device_id}?pixel_format=RGB8&roi=0,0,48,40")
     assert f.ok and f.image.shape == (40, 48, 3) and f.meta["pixel_format"] == "RGB8"
     assert cv2.cvtColor(f.image, cv2.COLOR_RGB2GRAY).std() > 0
 
@@ -240,6 +220,15 @@ def test_hardware_trigger_arms_the_input_line_and_waits():
             src.close()
         t.join(10)
     assert len(got) == 1 and isinstance(got[0], SourceLost)  # closing unblocks the waiting reader
+
+
+def _frames(url: str, n: int = 1, **camera_kw) -> list:
+    """``n`` frames from a Camera on ``url`` (opened and always closed here)."""
+    cam = Camera(make_source(url), **camera_kw)
+    try:
+        return [cam.next_frame() for _ in range(n)]
+    finally:
+        cam.close()
 
 
 def _safe_read(src):
