@@ -12,16 +12,7 @@ for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
-  SUDO=()
-  if [[ $(id -u) -ne 0 ]]; then
-    if command -v sudo >/dev/null 2>&1; then SUDO=(sudo -n); else
-      echo "install_line: not root and no sudo; install Debian packages by hand: ${missing[*]}" >&2
-      exit 1
-    fi
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  "${SUDO[@]}" apt-get update -q
-  "${SUDO[@]}" apt-get install -y -q "${PKGS[@]}"
+  bash scripts/apt_install.sh install_line "${PKGS[@]}"
 fi
 check=(-c "import gi; gi.require_version('Aravis', '0.8'); from gi.repository import Aravis")
 [[ -x "$VENV/bin/python" ]] || bash scripts/bootstrap.sh
