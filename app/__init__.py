@@ -1,7 +1,7 @@
 """The Gradio inspection station: a thin layer over :mod:`inspector` (no detection logic here).
 
 ``build_app(station, config)`` returns the ``gr.Blocks``; ``launch(station, config)`` serves it
-with the configured safe defaults (see :mod:`inspector.config`).
+with the configured safe defaults (see :mod:`inspector.station.config`).
 """
 
 from .station import StationApp, build_app, launch

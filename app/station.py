@@ -1,4 +1,4 @@
-"""The station's Gradio Blocks, built over one :class:`inspector.service.Station`.
+"""The station's Gradio Blocks, built over one :class:`inspector.station.service.Station`.
 
 Tabs: Inspect (operators), Live (camera), Register (engineers, calibration and thresholds),
 Batch, Synthesize, History. Every handler is a few lines that call the library and format its
@@ -33,12 +33,12 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from inspector.camera import CameraPool, FolderSource, make_source
-from inspector.config import CAMERA_REFUSED, SourceNotAllowed, StationConfig
-from inspector.heatmap import MAX_SIDE
-from inspector.heatmap import overlay as heat_overlay
+from inspector.cameras.sources import CameraPool, FolderSource, make_source
 from inspector.io import ImageError, is_image_file, read_image
-from inspector.store import REASON_CODES, DecisionConflict
+from inspector.products.heatmap import MAX_SIDE
+from inspector.products.heatmap import overlay as heat_overlay
+from inspector.station.config import CAMERA_REFUSED, SourceNotAllowed, StationConfig
+from inspector.station.store import REASON_CODES, DecisionConflict
 
 from . import views
 
@@ -78,7 +78,7 @@ def _operator(name: str | None, request: gr.Request | None) -> str:
 def _upload_label(path: str) -> str:
     """``upload:<original name>#<sha256 prefix>``: two different files named 000.png stay distinct
     in History, and no server path appears."""
-    from inspector.service import _sha256_of
+    from inspector.station.service import _sha256_of
 
     sha = _sha256_of(path) or uuid.uuid4().hex
     return f"upload:{Path(path).name}#{sha[:8]}"

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/anomalyclip_generated.py [--backbone clip/tiny] [--size 64] [--epochs 10]
 
-Training data: sample products built by :func:`inspector.datasets.build_sample` (scikit-image
+Training data: sample products built by :func:`inspector.data.samples.build_sample` (scikit-image
 textures + the weight-free defect generator, exact masks) with *training* seeds. Evaluation:
 the test split of the same recipe with *held-out* seeds (new crops, new defects), so no image is
 shared. Two settings:
@@ -29,9 +29,15 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.metrics import roc_auc_score
 
-from inspector.backbone import load_backbone
-from inspector.datasets import build_sample
-from inspector.detectors.anomalyclip import AnomalyCLIP, MaskedImages, pixel_auroc, scan_mvtec, train_prompts
+from inspector.backbones.registry import load_backbone
+from inspector.data.samples import build_sample
+from inspector.detectors.anomalyclip.detector import (
+    AnomalyCLIP,
+    MaskedImages,
+    pixel_auroc,
+    scan_mvtec,
+    train_prompts,
+)
 
 
 def evaluate(det: AnomalyCLIP, ds: MaskedImages) -> tuple[float, float]:

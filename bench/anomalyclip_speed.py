@@ -10,7 +10,7 @@ Rows (milliseconds per image, wall clock, after one warm-up batch):
 * ``anomalyclip``: :meth:`AnomalyCLIP.score` (one visual pass with the DPAM V-V path, text cached);
 * ``musc``: :meth:`MuSc.score` (one visual pass + LNAMD/MSM/RsCIN over the N images);
 * ``separate``: the two above one after the other (two forwards per image);
-* ``shared``: :func:`inspector.detectors.shared.score_shared` (one forward per image for both);
+* ``shared``: :func:`inspector.detectors.shared_pass.score_shared` (one forward per image for both);
   ``forwards/img`` counts images through the patch embedding.
 
 Wall time and process CPU time (all threads) are both reported: on a loaded machine the CPU time
@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     from bench.musc import brick_crops, timing_backbone
-    from inspector.backbone import load_backbone
-    from inspector.detectors.anomalyclip import AnomalyCLIP
-    from inspector.detectors.musc import MuSc
-    from inspector.detectors.shared import score_shared
+    from inspector.backbones.registry import load_backbone
+    from inspector.detectors.anomalyclip.detector import AnomalyCLIP
+    from inspector.detectors.musc.detector import MuSc
+    from inspector.detectors.shared_pass import score_shared
 
     t0 = time.perf_counter()
     if args.random_weights:

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from inspector.backbone import PRODUCTION, TEST_ONLY, MissingWeightsError, load_backbone
+from inspector.backbones.registry import PRODUCTION, TEST_ONLY, MissingWeightsError, load_backbone
 
 
 def time_backbone(bb, size: int, batch: int, repeats: int) -> float:
@@ -33,7 +33,7 @@ def time_backbone(bb, size: int, batch: int, repeats: int) -> float:
 
 def random_architecture(name: str):
     """Same architecture as ``name`` with random weights, for timing only (never for scoring)."""
-    from inspector.backbone.vit import DINOV2_WEIGHTS, ClipBackbone, Dinov2Backbone
+    from inspector.backbones.vit import DINOV2_WEIGHTS, ClipBackbone, Dinov2Backbone
 
     if name.startswith("clip/"):
         import open_clip

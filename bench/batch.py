@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inspector.procmem import peak_rss_mib  # noqa: E402
+from inspector.eval.measure import peak_rss_mib  # noqa: E402
 
 
 def make_folder(folder: Path, n: int, size: int, seed: int = 0) -> None:
@@ -58,7 +58,7 @@ def child(args) -> None:
     """One batch run in this process; prints a JSON line."""
     import torch
 
-    from inspector.service import Station
+    from inspector.station.service import Station
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,8 +83,8 @@ def ray_child(args) -> None:
     """One Ray batch run in this process (a local Ray instance of ``--ray-cpus`` CPUs); JSON line."""
     import pyarrow.dataset as pads
 
-    from inspector.batch_ray import connect, run_batch_ray
-    from inspector.service import Station
+    from inspector.batch.ray import connect, run_batch_ray
+    from inspector.station.service import Station
 
     os.environ["PYTHONPATH"] = str(ROOT)  # the Ray workers import this checkout
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -162,7 +162,7 @@ def main() -> None:
     print(f"folders ready in {time.perf_counter() - t0:.1f} s ({work})", file=sys.stderr)
 
     from inspector.io import read_image
-    from inspector.service import Station
+    from inspector.station.service import Station
 
     st = Station(data, device=args.device)
     name = f"bench-{args.detector}-{args.backbone.replace('/', '_')}-{args.size}"
@@ -208,7 +208,7 @@ def engines(args, data: Path, folder: Path, name: str) -> None:
     for w in (1, 2):
         runs.append(dict(engine="ray", workers=w, **run_child([sys.executable, __file__, "--ray-child", "--ray-workers",
                                                                str(w), "--ray-cpus", str(args.ray_cpus), *common])))
-    from inspector.service import Station
+    from inspector.station.service import Station
 
     st = Station(data, device="cpu")
     torch.set_num_threads(1)
@@ -253,9 +253,9 @@ def musc_flops(size: int = 518, n_set: int = 64, patch: int = 14, dim: int = 102
                n_layers: int = 4, n_r: int = 3) -> dict:
     """FLOPs per image of MuSc on ViT-L-14-336 at ``size`` px in mutual sets of ``n_set`` images:
     the ViT forward (``24 T d^2 + 4 T^2 d`` per block, T tokens) and the mutual-scoring distance
-    matmuls, counted by MuSc's own :func:`~inspector.detectors.musc.msm_flops` for each of the
+    matmuls, counted by MuSc's own :func:`~inspector.detectors.musc.detector.msm_flops` for each of the
     ``n_layers x n_r`` (layer, LNAMD r) pairs, divided over the set."""
-    from inspector.detectors.musc import msm_flops
+    from inspector.detectors.musc.detector import msm_flops
 
     t = (size // patch) ** 2 + 1
     vit = depth * (24 * t * dim**2 + 4 * t**2 * dim)

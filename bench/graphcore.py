@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._markdown import splice  # noqa: E402
-from inspector.backbone import load_backbone  # noqa: E402
-from inspector.detectors.graphcore import AugmentedPatchCore, GraphCore, PatchCoreKNN  # noqa: E402
+from inspector.backbones.registry import load_backbone  # noqa: E402
+from inspector.detectors.graphcore.detector import AugmentedPatchCore, GraphCore, PatchCoreKNN  # noqa: E402
 
 
 def brick_crops(n: int, size: int, seed: int) -> list[np.ndarray]:

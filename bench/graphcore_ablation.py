@@ -53,7 +53,7 @@ def groups(product: str, types: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def auroc(scores: torch.Tensor, labels: np.ndarray, keep: np.ndarray) -> float:
-    from inspector.evaluate import image_metrics
+    from inspector.eval.runner import image_metrics
 
     return float(image_metrics(scores[torch.from_numpy(keep)], labels[keep])["image_auroc"])
 
@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.out).read_text())
         write_tables(saved["table"], saved["meta"], args.md)
         return 0
-    from inspector.backbone import load_backbone
-    from inspector.datasets import build_sample
-    from inspector.detectors.graphcore import GraphCore, PatchCoreKNN
-    from inspector.evaluate import draw_shots, find_classes, load_test_set
+    from inspector.backbones.registry import load_backbone
+    from inspector.data.samples import build_sample
+    from inspector.detectors.graphcore.detector import GraphCore, PatchCoreKNN
+    from inspector.eval.runner import draw_shots, find_classes, load_test_set
     from inspector.io import read_image
 
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         train = [read_image(pth) for pth in cdata.train]
         anomalib = None
         if not args.no_anomalib:
-            from inspector.baselines import AnomalibPatchcore
+            from inspector.detectors.baselines import AnomalibPatchcore
 
             anomalib = AnomalibPatchcore(bb)
         for k in args.shots:

@@ -11,7 +11,7 @@
   down to 8000x8000 pixels, so the probe itself stays affordable on a shared machine.
 * **Batch**: ``inspector batch`` over 10 bombs (two per format) + 1 good image vs over the good
   image alone, peak RSS of each CLI process.
-* **Login**: 12 wrong passwords for one user through :class:`inspector.auth.LoginGuard` (the
+* **Login**: 12 wrong passwords for one user through :class:`inspector.station.auth.LoginGuard` (the
   station's ``auth``): how many were checked before the lockout, time per scrypt check.
 
 Writes ``bench/out/hostile.json`` and ``bench/HOSTILE.md``.
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
-PEAK = "from inspector.procmem import peak_rss_kb as peak_kb, reset_peak_rss as reset_peak\n"
+PEAK = "from inspector.eval.measure import peak_rss_kb as peak_kb, reset_peak_rss as reset_peak\n"
 
 PROBE = r"""
 import json, resource, sys, time
@@ -112,7 +112,7 @@ def batch(tmp: Path) -> dict:
     from test_hostile import BOMBS, SUFFIX
 
     from inspector.io import write_image
-    from inspector.service import Station
+    from inspector.station.service import Station
 
     st = Station(tmp / "data", device="cpu")
     g = skdata.brick()
@@ -140,7 +140,7 @@ def batch(tmp: Path) -> dict:
 
 
 def login() -> dict:
-    from inspector.auth import LoginGuard, hash_password
+    from inspector.station.auth import LoginGuard, hash_password
 
     checked = []
     g = LoginGuard({"bob": hash_password("right")}, max_failures=5, lockout_s=300,

@@ -61,13 +61,13 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from inspector.camera import Camera
-    from inspector.datasets import build_sample
+    from inspector.cameras.fakecam import fake_camera
+    from inspector.cameras.genicam import GenICamSettings, GenICamSource
+    from inspector.cameras.sources import Camera
+    from inspector.data.samples import build_sample
     from inspector.io import list_images, read_image
-    from inspector.line.fakecam import fake_camera
-    from inspector.line.genicam import GenICamSettings, GenICamSource
     from inspector.line.pipeline import LinePipeline, VerdictLog, latency_stats
-    from inspector.service import Station
+    from inspector.station.service import Station
 
     if args.threads:
         torch.set_num_threads(args.threads)

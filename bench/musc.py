@@ -17,7 +17,7 @@ every backbone layer, MSM, RsCIN). Columns:
 * ``peak MiB``: measured peak working memory of the scoring call above what was allocated before
   it (CPU: resident-set size sampled every 1 ms by a thread, large blocks served by mmap so that freed
   tensors leave the RSS; CUDA: ``max_memory_allocated``), and
-  ``model MiB``: the peak predicted by :func:`inspector.detectors.musc.msm_memory`;
+  ``model MiB``: the peak predicted by :func:`inspector.detectors.musc.detector.msm_memory`;
 * ``GFLOP``: matmul FLOPs issued for the distances (``2 * rows * cols * (C + 2)`` per block, the
   symmetric schedule computing each image pair once); ``GFLOP/s``: that over the musc time;
   ``% gemm``: against a large square GEMM measured on the same device in the same precision, i.e.
@@ -90,7 +90,7 @@ def gemm_peak(device: torch.device, precision: str) -> float:
     n = 4096 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
-    from inspector.detectors.musc import _matmul_precision
+    from inspector.detectors.musc.detector import _matmul_precision
 
     with _matmul_precision(precision, device):
         a @ a
@@ -128,8 +128,8 @@ def timing_backbone(name: str, size: int, device: torch.device):
     for timing where the weights are not on this machine. Never used for accuracy."""
     import open_clip
 
-    from inspector.backbone.vit import ClipBackbone
-    from inspector.weights import clip_arch
+    from inspector.backbones.vit import ClipBackbone
+    from inspector.backbones.weights import clip_arch
 
     arch = name.split("/", 1)[1]
     torch.manual_seed(0)
@@ -141,7 +141,7 @@ def timing_backbone(name: str, size: int, device: torch.device):
 
 def run_one(bb, n: int, size: int, device: torch.device, aligned: bool, precision: str | None,
             chunk: int | None, preset: str = "project") -> dict:
-    from inspector.detectors.musc import MuSc
+    from inspector.detectors.musc.detector import MuSc
 
     x = bb.preprocess(brick_crops(n, size))
     m = MuSc(bb, aligned=aligned, align_radius=1, precision=precision, chunk_size=chunk, preset=preset)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from inspector.backbone import load_backbone
+    from inspector.backbones.registry import load_backbone
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -80,10 +80,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from inspector.backbone import load_backbone
-    from inspector.detectors.graphcore import GraphCore
-    from inspector.export import export_backbone, export_detector
-    from inspector.runtime import OnnxRunner
+    from inspector.backbones.registry import load_backbone
+    from inspector.deploy.export import export_backbone, export_detector
+    from inspector.deploy.runtime import OnnxRunner
+    from inspector.detectors.graphcore.detector import GraphCore
 
     bb = load_backbone(args.backbone, device=args.device, image_size=args.size)
     det = GraphCore(bb).fit(bb.preprocess(brick_images(2, seed=1)).to(args.device))

@@ -6,7 +6,7 @@
 "Real" defects per product:
 
 * ``textile``: real *local* defects of the simulated textile set (``conformal-clip-data``), with
-  masks estimated by :func:`inspector.datasets.estimate_local_mask` (the source has none). A few
+  masks estimated by :func:`inspector.data.samples.estimate_local_mask` (the source has none). A few
   (``--train``) train the diffusion generator; the others are the reference set.
 * ``brick``: the product's own test defects. They are made by the weight-free generator, so for
   ``fallback`` this is a sanity row (same distribution), and for ``diffusion`` it measures how
@@ -89,8 +89,8 @@ def area_stats(masks: list[np.ndarray]) -> dict:
 
 
 def load_pairs(root: Path) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+    from inspector.data.mvtec import read_mvtec
     from inspector.io import read_image
-    from inspector.synth.mvtec import read_mvtec
 
     info = read_mvtec(root)
     normals = [read_image(p) for p in info.train_good]
@@ -170,8 +170,8 @@ def main() -> int:
     from rich.table import Table
     from sklearn.decomposition import PCA
 
-    from inspector.backbone import load_backbone
-    from inspector.datasets import build_sample, textile_local_defects
+    from inspector.backbones.registry import load_backbone
+    from inspector.data.samples import build_sample, textile_local_defects
     from inspector.synth import generate_defects, make_defect
 
     console = Console(width=150)

@@ -117,9 +117,9 @@ class Both:
 
 def load_product(name: str, shots: int):
     """Shots, real test normals, real defects ``{type: [(img, mask or None)]}``."""
-    from inspector.datasets import build_sample, estimate_local_mask
+    from inspector.data.mvtec import read_mvtec
+    from inspector.data.samples import build_sample, estimate_local_mask
     from inspector.io import read_image
-    from inspector.synth.mvtec import read_mvtec
 
     info = read_mvtec(build_sample(name))
     train = [read_image(p) for p in info.train_good]
@@ -141,7 +141,7 @@ def load_product(name: str, shots: int):
 def get_diffusion(args, log):
     """The textile generator in ``models/synth/<name>``: reused when it matches, else trained
     (same code path as ``inspector synth train``; resumable checkpoint)."""
-    from inspector.datasets import textile_local_defects
+    from inspector.data.samples import textile_local_defects
     from inspector.synth.diffusion import DefectGen, DefectGenConfig
 
     path = Path(args.model_dir) / args.model_name
@@ -179,7 +179,7 @@ def per_defect_ms(gen, normals, n, seed) -> float:
 
 def run_product(product, args, bb, cls, reg, diffusion, takes_generator, log) -> dict:
     """Calibration quality and training value on one product (see the module docstring)."""
-    from inspector.evaluate import compute_metrics
+    from inspector.eval.runner import compute_metrics
     from inspector.synth import _resolve
     from inspector.verdict import calibrate
 
@@ -306,9 +306,9 @@ def main() -> int:
 
     from rich.console import Console
 
-    from inspector.backbone import load_backbone
+    from inspector.backbones.registry import load_backbone
     from inspector.detectors.base import detector_class
-    from inspector.products import ProductRegistry
+    from inspector.products.registry import ProductRegistry
 
     if args.device == "cpu":
         torch.set_num_threads(max(1, args.threads))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .paths import display, within
+from inspector.paths import display, within
 
 #: Default upper bound on width*height. 50 MP covers line-scan crops and 8K sensors.
 MAX_PIXELS = int(os.environ.get("INSPECTOR_MAX_PIXELS", 50_000_000))

@@ -13,16 +13,48 @@ fail its batch insert. :func:`encode_source` maps every ``str`` to storable text
 
 :func:`within` is the confinement test used after symlink resolution (batch files, camera
 folders): a path is inside a root when its resolved form is the root or lies below it.
+
+The project's own places are stated here once: :func:`data_dir` (products, store, heatmaps,
+evidence), :func:`models_dir` (weights; never inside site-packages) and :data:`NAME_RE` (the one
+rule for product and user-visible names that become folder names).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 PREFIX = "pathbytes:"
+
+#: A product (or other user-chosen) name that becomes a folder name: always used with ``fullmatch``.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+#: The checkout this package was imported from, when it was (``pyproject.toml`` beside ``inspector/``).
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def _in_checkout() -> bool:
+    return (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "inspector").is_dir()
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The station's data directory: ``explicit``, else ``$INSPECTOR_DATA``, else ``./data``."""
+    return Path(explicit or os.environ.get("INSPECTOR_DATA") or "data")
+
+
+def models_dir() -> Path:
+    """Where weights live: ``$INSPECTOR_MODELS``; else ``models/`` of the checkout when the package
+    runs from one (``pip install -e``, ``make``); else ``<data dir>/models``. Never a folder inside
+    site-packages, which a wheel install would give and an upgrade would wipe."""
+    env = os.environ.get("INSPECTOR_MODELS")
+    if env:
+        return Path(env).expanduser()
+    if _in_checkout():
+        return _CHECKOUT / "models"
+    return data_dir().resolve() / "models"
 
 
 def encode_source(text: str) -> str:
@@ -65,4 +97,4 @@ def within(path: str | os.PathLike, roots: Iterable[str | os.PathLike]) -> bool:
     return False
 
 
-__all__ = ["PREFIX", "decode_source", "display", "encode_source", "within"]
+__all__ = ["NAME_RE", "PREFIX", "data_dir", "decode_source", "display", "encode_source", "models_dir", "within"]

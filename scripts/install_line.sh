@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the GenICam stack for line cameras (inspector/line/genicam.py, tests/test_line_genicam.py):
+# Installs the GenICam stack for line cameras (inspector/cameras/genicam.py, tests/test_line_genicam.py):
 # Debian's Aravis (library, GObject typelib, the arv-fake-gv-camera-0.8 test camera) and the build
 # dependencies of PyGObject, then the project's `line` extra (pygobject<3.51) into the venv.
 # Idempotent: each half is skipped when already in place. apt-get needs root (or sudo).

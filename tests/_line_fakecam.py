@@ -1,4 +1,4 @@
-"""The real fake GigE Vision camera for the line tests (see inspector.line.fakecam), skipping
+"""The real fake GigE Vision camera for the line tests (see inspector.cameras.fakecam), skipping
 with the reason where the GenICam stack is not installed."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import contextlib
 
 import pytest
 
-from inspector.line import fakecam
+from inspector.cameras import fakecam
 
 
 def require_genicam():
-    from inspector.line.genicam import available
+    from inspector.cameras.genicam import available
 
     if not available():
         pytest.skip("GenICam stack missing (run scripts/install_line.sh)")

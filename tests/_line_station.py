@@ -8,7 +8,7 @@ import numpy as np
 def make_station(tmp_path, names=("pa", "pb")):
     from skimage import data
 
-    from inspector.service import Station
+    from inspector.station.service import Station
 
     station = Station(tmp_path / "data")
     g = data.brick()

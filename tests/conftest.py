@@ -31,14 +31,14 @@ def artifacts_dir() -> Path:
 @pytest.fixture(scope="session")
 def lite0():
     """The real offline backbone (EfficientNet-Lite0 ImageNet weights) on CPU at 128 px."""
-    from inspector.backbone import load_backbone
+    from inspector.backbones.registry import load_backbone
 
     return load_backbone("efficientnet-lite0", device="cpu", image_size=128)
 
 
 @pytest.fixture(scope="session")
 def tiny_cnn():
-    from inspector.backbone import load_backbone
+    from inspector.backbones.registry import load_backbone
 
     return load_backbone("tiny-cnn", device="cpu")
 
@@ -72,7 +72,7 @@ def random_crops(image: np.ndarray, n: int, size: int = 96, seed: int = 0) -> li
 def brick_station(tmp_path_factory, brick: np.ndarray, name: str):
     """A Station in a fresh ``name`` folder with one tiny product ``brick`` (PatchCore on the tiny
     CNN at 64 px, two 96 px brick crops): what the batch and hardening tests run against."""
-    from inspector.service import Station
+    from inspector.station.service import Station
 
     st = Station(tmp_path_factory.mktemp(name) / "data", device="cpu")
     st.registry.register("brick", random_crops(brick, 2, 96, seed=0), detector="patchcore",

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from inspector.backbone import MissingWeightsError, load_backbone
-from inspector.detectors.anomalyclip import (
+from inspector.backbones.registry import MissingWeightsError, load_backbone
+from inspector.detectors.anomalyclip.detector import (
     AnomalyCLIP,
     dice_loss,
     encode_text_deep,
@@ -56,8 +56,8 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def make_mvtec(root: Path, *, seed: int = 0, size: int = 64, n_train: int = 4, n_good: int = 2, n_bad: int = 6,
                masks: bool = True) -> Path:
+    from inspector.data.mvtec import write_mvtec
     from inspector.synth.fallback import make_defect
-    from inspector.synth.mvtec import write_mvtec
 
     rng = np.random.default_rng(seed)
     train = [_texture(rng, size) for _ in range(n_train)]
@@ -67,7 +67,7 @@ def make_mvtec(root: Path, *, seed: int = 0, size: int = 64, n_train: int = 4, n
 
 
 def _batch(root: Path, size: int = 64):
-    from inspector.detectors.anomalyclip import MaskedImages
+    from inspector.detectors.anomalyclip.detector import MaskedImages
 
     ds = MaskedImages(scan_mvtec(root), size)
     items = [ds[i] for i in range(len(ds))]
@@ -244,13 +244,14 @@ def test_shapes_and_ranges_at_any_size(bb, hw):
 
 
 def test_missing_clip_weights_raise_clear_error(bb, tmp_path, monkeypatch, capsys):
-    from inspector.cli import EXIT_WEIGHTS, main
+    from inspector.cli.main import main
+    from inspector.errors import EXIT_WEIGHTS
 
     monkeypatch.setenv("INSPECTOR_MODELS", str(tmp_path / "empty_models"))
     det = AnomalyCLIP(bb)
     tensors, config = det.state()
     config["backbone"] = "clip/ViT-L-14-336"
-    from inspector.detectors.anomalyclip import write_checkpoint
+    from inspector.detectors.anomalyclip.detector import write_checkpoint
 
     path = write_checkpoint(tmp_path / "vitl.safetensors", tensors, config)
     with pytest.raises(MissingWeightsError, match="ViT-L-14-336px.pt"):
@@ -269,7 +270,7 @@ def test_missing_clip_weights_raise_clear_error(bb, tmp_path, monkeypatch, capsy
 
 
 def test_cli_train_and_resume(tmp_path, capsys):
-    from inspector.cli import main
+    from inspector.cli.main import main
 
     data = make_mvtec(tmp_path / "gen", n_train=1, n_good=1, n_bad=4)
     common = ["train", "anomalyclip", "--data", str(data), "--backbone", "clip/tiny", "--batch-size", "3",
@@ -310,8 +311,8 @@ def test_train_prompts_api_without_cache_matches_cached(bb, tmp_path):
 
 
 def test_cli_defaults_match_the_detector_without_importing_torch_at_parse_time():
-    from inspector.commands import train
-    from inspector.detectors import anomalyclip
+    from inspector.cli.commands import train
+    from inspector.detectors.anomalyclip import detector as anomalyclip
 
     assert (train.DEFAULT_BACKBONE, train.N_CTX, train.T_N_CTX) == (
         anomalyclip.DEFAULT_BACKBONE, anomalyclip.N_CTX, anomalyclip.T_N_CTX)
@@ -326,7 +327,7 @@ def bb24():
     import open_clip
     from open_clip.model import CLIP
 
-    from inspector.backbone.vit import ClipBackbone
+    from inspector.backbones.vit import ClipBackbone
 
     torch.manual_seed(11)
     model = CLIP(embed_dim=32, quick_gelu=True,
@@ -435,8 +436,8 @@ def test_register_without_prompts_stops_with_a_clear_error(tmp_path, bb24):
 def test_official_checkpoint_imports_and_scores(tmp_path, bb, images):
     """A tiny checkpoint in the official key layout ({'prompt_learner': ...}, ctx_pos [1,1,n,D],
     compound_prompts_text.{i}, projections and token buffers) imports, with the official preset."""
-    from inspector.cli import main
-    from inspector.detectors.anomalyclip import import_official_checkpoint
+    from inspector.cli.main import main
+    from inspector.detectors.anomalyclip.detector import import_official_checkpoint
 
     g = torch.Generator().manual_seed(0)
     dim = bb.model.ln_final.weight.shape[0]

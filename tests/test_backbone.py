@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inspector.backbone import MissingWeightsError, describe, load_backbone
-from inspector.backbone.efficientnet import load_lite0_classifier
+from inspector.backbones.efficientnet import load_lite0_classifier
+from inspector.backbones.registry import MissingWeightsError, describe, load_backbone
 
 
 def test_lite0_real_weights_classify_coffee_as_espresso():
     from skimage import data
 
-    from inspector.backbone.base import Preprocess
-    from inspector.backbone.efficientnet import LITE_MEAN, LITE_STD
+    from inspector.backbones.base import Preprocess
+    from inspector.backbones.efficientnet import LITE_MEAN, LITE_STD
 
     model = load_lite0_classifier()
     x = Preprocess(224, LITE_MEAN, LITE_STD)(data.coffee())
@@ -25,7 +25,7 @@ def test_lite0_real_weights_classify_coffee_as_espresso():
 
 
 def test_lite0_strict_loading_rejects_wrong_state(tmp_path):
-    from inspector.backbone.efficientnet import lite0_weights_path
+    from inspector.backbones.efficientnet import lite0_weights_path
 
     state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
     state.pop("_conv_stem.weight")
@@ -101,7 +101,7 @@ def test_unknown_backbone():
 
 
 def test_backbones_cli_lists_and_runs(capsys):
-    from inspector.cli import main
+    from inspector.cli.main import main
 
     assert main(["backbones", "--all", "--run"]) == 0
     out = capsys.readouterr().out

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import brick_station, kill_after_rows, random_crop
 
-from inspector.batch import batch_id_for, iter_files, run_batch
+from inspector.batch.local import batch_id_for, iter_files, run_batch
 from inspector.io import read_image, write_image
-from inspector.store import Store
+from inspector.station.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -101,7 +101,7 @@ def test_kill_9_mid_batch_then_rerun_records_each_image_exactly_once(station, br
     assert kill_after_rows(proc, watcher, bid, 6, timeout=180) == -signal.SIGKILL
     partial = watcher.count(batch_id=bid)
     assert 6 <= partial < len(files), partial  # really killed mid-batch
-    from inspector.cli import main
+    from inspector.cli.main import main
 
     assert main(list(args)) == 0  # the same command again (in this process: no second start-up)
     stdout = capsys.readouterr().out
@@ -175,7 +175,7 @@ def test_musc_batch_scores_the_folder_in_subsets_and_resumes_identically(station
 
 
 def test_onnx_runtime_refused_clearly_for_musc(station, musc_product, capsys):
-    from inspector.cli import main
+    from inspector.cli.main import main
 
     folder = station.data_dir.parent / "empty-folder"
     folder.mkdir(exist_ok=True)

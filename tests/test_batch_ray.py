@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import kill_after_rows
 
-from inspector.batch import batch_id_for, run_batch
+from inspector.batch.local import batch_id_for, run_batch
 from inspector.io import write_image
-from inspector.service import Station
-from inspector.store import Store
+from inspector.station.service import Station
+from inspector.station.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -104,7 +104,7 @@ def test_upsert_is_idempotent_per_batch_path_and_sha(tmp_path):
 
 
 def test_ray_manifest_scores_like_local_engine_and_records_bad_files(ray_cluster, station, brick_crops, tmp_path):
-    from inspector.batch_ray import run_batch_ray
+    from inspector.batch.ray import run_batch_ray
 
     folder = tmp_path / "imgs"
     files = _folder(folder, brick_crops, 10, seed=1)
@@ -134,7 +134,7 @@ def test_ray_manifest_scores_like_local_engine_and_records_bad_files(ray_cluster
 
 
 def test_killed_scoring_actor_mid_run_loses_and_duplicates_nothing(ray_cluster, station, brick_crops, tmp_path):
-    from inspector.batch_ray import run_batch_ray
+    from inspector.batch.ray import run_batch_ray
 
     folder = tmp_path / "kill-worker"
     files = _folder(folder, brick_crops, 60, seed=2)
@@ -184,7 +184,7 @@ def test_killed_driver_then_rerun_from_the_station_resumes(ray_cluster, station,
     assert 4 <= partial < len(files) + 1, partial
     # the rerun comes from the station's Batch tab, configured to submit to this Ray cluster
     from app.station import StationApp
-    from inspector.config import StationConfig
+    from inspector.station.config import StationConfig
 
     cfg = StationConfig.load(env={"INSPECTOR_RAY_ADDRESS": ray_cluster, "INSPECTOR_BATCH_ROOTS": str(tmp_path)})
     assert cfg.ray_address == ray_cluster

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from inspector.camera import Camera, FolderSource, OpenCVSource, make_source, open_camera
+from inspector.cameras.sources import Camera, FolderSource, OpenCVSource, make_source, open_camera
 from inspector.io import write_image
 
 

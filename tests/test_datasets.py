@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from inspector.datasets import PRODUCTS, build_sample
-from inspector.synth.mvtec import folder_kwargs, read_mvtec
+from inspector.data.mvtec import folder_kwargs, read_mvtec
+from inspector.data.samples import PRODUCTS, build_sample
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_textile_classification_folder(built):
 
 
 def test_textile_local_defects_have_estimated_masks(built):
-    from inspector.datasets import estimate_local_mask, textile_local_defects
+    from inspector.data.samples import estimate_local_mask, textile_local_defects
 
     _, out, _ = built
     pairs = textile_local_defects(6, size=256)
@@ -122,8 +122,8 @@ def test_textile_local_defects_have_estimated_masks(built):
     again = textile_local_defects(6, size=256)
     assert all((a[1] == b[1]).all() for a, b in zip(pairs, again))
     # a nominal image gives a small or empty mask (there is nothing to find)
+    from inspector.data.mvtec import read_mvtec
     from inspector.io import read_image
-    from inspector.synth.mvtec import read_mvtec
 
     nominal = read_image(read_mvtec(out["textile"]).train_good[0])
     assert estimate_local_mask(nominal).sum() < 400

@@ -13,8 +13,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from inspector import evaluate as ev
-from inspector.synth.mvtec import write_mvtec
+from inspector.data.mvtec import write_mvtec
+from inspector.eval import runner as ev
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -169,7 +169,7 @@ def test_find_classes_root_and_single(dataset):
 
 
 def test_masks_and_test_set(dataset):
-    from inspector.backbone import Preprocess
+    from inspector.backbones.registry import Preprocess
 
     g = ev.find_classes(dataset, ["gamma"])[0]
     ts = ev.load_test_set(g, Preprocess(32, (0.5,) * 3, (0.25,) * 3))
@@ -249,7 +249,7 @@ class NoWeights(StandIn):
     name: ClassVar[str] = "noweights"
 
     def __init__(self, backbone, **kw):
-        from inspector.backbone import MissingWeightsError
+        from inspector.backbones.registry import MissingWeightsError
 
         raise MissingWeightsError("prompt checkpoint missing: place models/anomalyclip/prompts.safetensors")
 
@@ -342,7 +342,7 @@ def test_peak_memory_sees_an_allocation():
 
 
 def test_cli_eval(dataset, tmp_path, monkeypatch, tiny_cnn, capsys):
-    from inspector.cli import main
+    from inspector.cli.main import main
     from inspector.detectors import base
 
     monkeypatch.setitem(base.DETECTORS, "standin", f"{__name__}:StandIn")
@@ -368,8 +368,8 @@ def test_lite0_weights_map_onto_timm_for_anomalib_patchcore():
     Lite0 weights: the renamed state dict loads strictly and gives identical logits."""
     import timm
 
-    from inspector.backbone.efficientnet import lite0_weights_path, load_lite0_classifier
-    from inspector.baselines import lite0_timm_state_dict
+    from inspector.backbones.efficientnet import lite0_weights_path, load_lite0_classifier
+    from inspector.detectors.baselines import lite0_timm_state_dict
 
     state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from inspector.export import (
+from inspector.deploy.export import (
     NotExportableError,
     export_backbone,
     export_detector,
     read_sidecar,
     scoring_module,
 )
-from inspector.runtime import OnnxRunner, load_runtime
+from inspector.deploy.runtime import OnnxRunner, load_runtime
 from inspector.verdict import Thresholds, Verdict
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_backbone_export_parity_dynamic_batch_and_sidecar(lite0, brick, tmp_path
 
 @pytest.fixture(scope="module")
 def fitted(request, lite0, brick):
-    from inspector.detectors.graphcore import GraphCore, PatchCoreKNN
+    from inspector.detectors.graphcore.detector import GraphCore, PatchCoreKNN
 
     shots, tests = crops(brick)
     if request.param == "graphcore":  # default scoring (head + global branch); a short head training
@@ -124,8 +124,8 @@ def test_memory_bank_detectors_export_with_parity(fitted, tmp_path):
 def test_anomalyclip_exports_with_text_embeddings_as_constants(tmp_path):
     import onnx
 
-    from inspector.backbone import load_backbone
-    from inspector.detectors.anomalyclip import AnomalyCLIP
+    from inspector.backbones.registry import load_backbone
+    from inspector.detectors.anomalyclip.detector import AnomalyCLIP
 
     bb = load_backbone("clip/tiny", device="cpu")
     det = AnomalyCLIP(bb)
@@ -148,7 +148,7 @@ def test_anomalyclip_exports_with_text_embeddings_as_constants(tmp_path):
 
 
 def test_musc_is_not_exportable_with_a_clear_error(tiny_cnn):
-    from inspector.detectors.musc import MuSc
+    from inspector.detectors.musc.detector import MuSc
 
     with pytest.raises(NotExportableError, match="not exportable.*mutual scoring") as err:
         scoring_module(MuSc(tiny_cnn))
@@ -156,7 +156,7 @@ def test_musc_is_not_exportable_with_a_clear_error(tiny_cnn):
     # A registered MuSc product fails the same way, before any model is loaded.
     from types import SimpleNamespace
 
-    from inspector.export import export_product
+    from inspector.deploy.export import export_product
 
     prod = SimpleNamespace(name="p", detector="musc", backbone="tiny-cnn", load_detector=None)
     with pytest.raises(NotExportableError, match="not exportable"):
@@ -164,7 +164,7 @@ def test_musc_is_not_exportable_with_a_clear_error(tiny_cnn):
 
 
 def test_unknown_detector_and_unfitted_detector_are_refused(lite0):
-    from inspector.detectors.graphcore import GraphCore
+    from inspector.detectors.graphcore.detector import GraphCore
 
     class Other:
         name, batchwise, backbone = "other", False, lite0
@@ -194,7 +194,7 @@ def test_runner_refuses_a_modified_model_file(tiny_cnn, tmp_path):
 
 
 def test_cuda_request_without_gpu_build_says_how_to_install(monkeypatch):
-    from inspector.runtime import onnx as rt
+    from inspector.deploy import onnx as rt
 
     monkeypatch.setattr(rt, "available_providers", lambda: ["CPUExecutionProvider"])
     assert rt.select_providers("auto") == ["CPUExecutionProvider"]
@@ -203,8 +203,8 @@ def test_cuda_request_without_gpu_build_says_how_to_install(monkeypatch):
 
 
 def test_product_onnx_runtime_matches_torch_and_cli_export(brick, tmp_path, capsys):
-    from inspector.cli import main
-    from inspector.service import Station
+    from inspector.cli.main import main
+    from inspector.station.service import Station
 
     station = Station(tmp_path / "data")
     shots, tests = crops(brick)
@@ -235,7 +235,7 @@ def test_product_onnx_runtime_matches_torch_and_cli_export(brick, tmp_path, caps
 
 
 def test_cli_backbone_export_and_bad_output_name(tmp_path, capsys):
-    from inspector.cli import main
+    from inspector.cli.main import main
 
     out = tmp_path / "tiny.onnx"
     assert main(["export", "--backbone", "tiny-cnn", "--out", str(out)]) == 0
@@ -254,7 +254,7 @@ def test_export_does_not_touch_the_live_detector(fitted_patchcore_cpu, tmp_path)
 
 @pytest.fixture
 def fitted_patchcore_cpu(tiny_cnn, brick):
-    from inspector.detectors.graphcore import PatchCoreKNN
+    from inspector.detectors.graphcore.detector import PatchCoreKNN
 
     shots, _ = crops(brick)
     return PatchCoreKNN(tiny_cnn).fit(tiny_cnn.preprocess(shots))

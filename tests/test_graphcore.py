@@ -13,7 +13,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from inspector.detectors.base import detector_class
-from inspector.detectors.graphcore import (
+from inspector.detectors.graphcore.detector import (
     D4,
     AugmentedPatchCore,
     GraphCore,

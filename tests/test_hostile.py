@@ -25,10 +25,10 @@ import pytest
 from conftest import brick_station, random_crop
 from PIL import Image
 
-from inspector.batch import iter_files, run_batch
+from inspector.batch.local import iter_files, run_batch
 from inspector.io import MAX_PIXELS, ImageError, read_image, write_image
 from inspector.paths import decode_source, encode_source
-from inspector.store import Store
+from inspector.station.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -93,7 +93,7 @@ def bomb_bmp(w=30000, h=30000) -> bytes:
 BOMBS = {"png": bomb_png, "jpeg": bomb_jpeg, "tiff": bomb_tiff, "webp": bomb_webp, "bmp": bomb_bmp}
 SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "webp": ".webp", "bmp": ".bmp"}
 
-PEAK = "from inspector.procmem import peak_rss_kb as peak_kb, reset_peak_rss as reset_peak\n"
+PEAK = "from inspector.eval.measure import peak_rss_kb as peak_kb, reset_peak_rss as reset_peak\n"
 
 _RSS_PROBE = r"""
 import json, resource, sys
@@ -284,7 +284,7 @@ def test_unreadable_entries_get_rows_as_an_unprivileged_user(brick):
         write_image(folder / "closed" / "inner.png", random_crop(brick, np.random.default_rng(4)))
         (folder / "closed").chmod(0)
         folder.chmod(0o755)
-        script = ("import json, sys; from pathlib import Path; from inspector.batch import iter_files, load_file; "
+        script = ("import json, sys; from pathlib import Path; from inspector.batch.local import iter_files, load_file; "
                   "f = Path(sys.argv[1]); print(json.dumps({p.name: load_file(p).error for p in iter_files(f)}))")
         cmd = [sys.executable, "-c", script, str(folder)]
         if os.geteuid() == 0:
@@ -398,8 +398,8 @@ def served(station, tmp_path_factory):
     from conftest import free_port
 
     from app.station import StationApp
-    from inspector.auth import hash_password
-    from inspector.config import StationConfig
+    from inspector.station.auth import hash_password
+    from inspector.station.config import StationConfig
 
     tmp = tmp_path_factory.mktemp("served")
     allowed = tmp / "allowed"
@@ -441,7 +441,7 @@ def _http_server():
 
 
 def test_camera_sources_come_from_the_configuration_only(served, brick, tmp_path):
-    from inspector.config import CAMERA_REFUSED
+    from inspector.station.config import CAMERA_REFUSED
 
     app, url, allowed, _ = served
     outside = tmp_path / "private"
@@ -482,7 +482,7 @@ def test_camera_sources_come_from_the_configuration_only(served, brick, tmp_path
 
 
 def test_camera_source_resolution_rules():
-    from inspector.config import SourceNotAllowed, StationConfig
+    from inspector.station.config import SourceNotAllowed, StationConfig
 
     root = Path(tempfile.mkdtemp(prefix="i16-cam-"))
     try:
@@ -524,7 +524,7 @@ def test_login_is_rate_limited_locked_out_and_audited(served, station):
 
 
 def test_login_guard_lockout_expires_doubles_and_hashes_are_salted():
-    from inspector.auth import LoginGuard, check_password, hash_password
+    from inspector.station.auth import LoginGuard, check_password, hash_password
 
     now = [1000.0]
     events = []
@@ -619,7 +619,7 @@ def test_product_names_match_the_whole_string(station):
 def test_stale_tmp_files_are_cleaned_when_the_registry_opens(station):
     import time
 
-    from inspector.products import ProductRegistry
+    from inspector.products.registry import ProductRegistry
 
     d = station.registry.root / "brick"
     left = [d / ".product.json.x1y2.tmp", d / ".state-abc.safetensors.q.tmp", d / "shots" / ".tmp-123-456.png"]

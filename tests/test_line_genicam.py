@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _line_fakecam import fake_camera
 
-from inspector.camera import Camera, FrameError, SourceLost, make_source
+from inspector.cameras.sources import Camera, FrameError, SourceLost, make_source
 
 CAMERA_TIMEOUT = pytest.mark.timeout(120)  # a hang in the camera stack fails the test, not the suite
 
@@ -40,7 +40,7 @@ def _mosaic(rgb: np.ndarray, pattern: str) -> np.ndarray:
 @pytest.mark.parametrize("fmt,pattern", [("BayerRG8", "RGGB"), ("BayerBG8", "BGGR"),
                                          ("BayerGR8", "GRBG"), ("BayerGB8", "GBRG")])
 def test_bayer_demosaic_recovers_colours(fmt, pattern):
-    from inspector.line.genicam import to_rgb
+    from inspector.cameras.genicam import to_rgb
 
     rgb = np.zeros((32, 48, 3), np.uint8)
     rgb[:, :16] = (200, 30, 10)    # red
@@ -52,7 +52,7 @@ def test_bayer_demosaic_recovers_colours(fmt, pattern):
 
 
 def test_mono_and_rgb_formats():
-    from inspector.line.genicam import PFNC, to_rgb
+    from inspector.cameras.genicam import PFNC, to_rgb
 
     g = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
     out = to_rgb(g.tobytes(), 4, 3, 0x01080001)
@@ -70,7 +70,7 @@ def test_mono_and_rgb_formats():
 
 
 def test_missing_genicam_stack_gives_install_hint(monkeypatch):
-    from inspector.line.genicam import GenICamUnavailable
+    from inspector.cameras.genicam import GenICamUnavailable
 
     monkeypatch.setitem(sys.modules, "gi", None)  # as on a machine without PyGObject
     with pytest.raises(GenICamUnavailable, match="install_line.sh"):
@@ -78,7 +78,7 @@ def test_missing_genicam_stack_gives_install_hint(monkeypatch):
 
 
 def test_settings_validation():
-    from inspector.line.genicam import GenICamSettings, GenICamSource
+    from inspector.cameras.genicam import GenICamSettings, GenICamSource
 
     with pytest.raises(ValueError, match="trigger must be"):
         GenICamSettings(trigger="sometimes")
@@ -98,7 +98,7 @@ def test_settings_validation():
 @CAMERA_TIMEOUT
 def test_free_run_stream_with_roi_and_metadata():
     with fake_camera() as fake:
-        from inspector.line.genicam import discover
+        from inspector.cameras.genicam import discover
 
         assert fake.device_id in [d["id"] for d in discover()]
         frames = _frames(f"genicam://{fake.device_id}?roi=8,4,128,96&exposure_us=2000&gain_db=1", 4)
@@ -114,7 +114,7 @@ def test_free_run_stream_with_roi_and_metadata():
 
 @CAMERA_TIMEOUT
 def test_software_trigger_one_frame_per_trigger():
-    from inspector.line.genicam import GenICamSettings, GenICamSource
+    from inspector.cameras.genicam import GenICamSettings, GenICamSource
 
     with fake_camera() as fake:
         src = GenICamSource(fake.device_id, GenICamSettings(trigger="software", self_trigger=False,
@@ -156,7 +156,7 @@ def test_live_tab_spec_self_triggers():
 
 @CAMERA_TIMEOUT
 def test_reconnects_after_camera_killed_and_restarted():
-    from inspector.line.genicam import GenICamSettings, GenICamSource
+    from inspector.cameras.genicam import GenICamSettings, GenICamSource
 
     with fake_camera() as fake:
         src = GenICamSource(fake.device_id, GenICamSettings(roi=(0, 0, 64, 64), timeout_s=0.5))
@@ -201,7 +201,7 @@ def test_rgb8_from_camera():
 
 @CAMERA_TIMEOUT
 def test_hardware_trigger_arms_the_input_line_and_waits():
-    from inspector.line.genicam import GenICamSettings, GenICamSource
+    from inspector.cameras.genicam import GenICamSettings, GenICamSource
 
     with fake_camera() as fake:
         src = GenICamSource(fake.device_id, GenICamSettings(trigger="hardware", trigger_source="Line0",

@@ -7,8 +7,8 @@ import time
 import pytest
 from pymodbus.client import ModbusTcpClient
 
-from inspector.line.modbus import VERDICT_CODES, ModbusSettings, RejectGateServer
 from inspector.line.pipeline import LineVerdict
+from inspector.line.sinks.modbus import VERDICT_CODES, ModbusSettings, RejectGateServer
 
 pytestmark = pytest.mark.timeout(120)
 PULSE_MS = 400.0

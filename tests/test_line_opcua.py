@@ -9,9 +9,9 @@ import pytest
 from asyncua import Client, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
-from inspector.config import hash_password
-from inspector.line.opcua import NAMESPACE, OpcUaSettings, StationOpcUaServer, make_self_signed
 from inspector.line.pipeline import LineVerdict
+from inspector.line.sinks.opcua import NAMESPACE, OpcUaSettings, StationOpcUaServer, make_self_signed
+from inspector.station.config import hash_password
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,7 +9,7 @@ import pytest
 from _line_fakecam import fake_camera
 from _line_station import make_station
 
-from inspector.camera import Camera
+from inspector.cameras.sources import Camera
 from inspector.line.pipeline import LinePipeline, VerdictLog, latency_stats
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
@@ -21,7 +21,7 @@ def station(tmp_path_factory):
 
 
 def _camera(device_id: str, **kw) -> Camera:
-    from inspector.line.genicam import GenICamSettings, GenICamSource
+    from inspector.cameras.genicam import GenICamSettings, GenICamSource
 
     s = GenICamSettings(trigger="software", self_trigger=False, roi=(0, 0, 64, 64), timeout_s=0.5, **kw)
     return Camera(GenICamSource(device_id, s), backoff=0.2, max_backoff=0.5)
@@ -138,7 +138,7 @@ def test_trigger_without_camera_is_a_dropped_part(station):
 
 
 def test_switch_product(station):
-    from inspector.products import ProductNotFound
+    from inspector.products.registry import ProductNotFound
 
     pipe = LinePipeline(station, "pa", Camera(_NoCamera()))
     assert pipe.set_product("pb") == "pb" and pipe.product == "pb"
@@ -152,7 +152,7 @@ class _NoCamera:
     label = short = "none"
 
     def open(self):
-        from inspector.camera import SourceLost
+        from inspector.cameras.sources import SourceLost
 
         raise SourceLost("none")
 

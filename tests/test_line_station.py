@@ -13,8 +13,8 @@ import pytest
 from _line_fakecam import fake_camera
 from _line_station import make_station
 
-from inspector.config import ConfigError, StationConfig, hash_password
 from inspector.line.config import LineConfig
+from inspector.station.config import ConfigError, StationConfig, hash_password
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -60,7 +60,7 @@ async def _opcua(url: str, pki, user: str, password: str, product_after: str):
     from asyncua import Client, ua
     from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
-    from inspector.line.opcua import NAMESPACE
+    from inspector.line.sinks.opcua import NAMESPACE
 
     client = Client(url, timeout=30)
     client.application_uri = "urn:test:plc"
@@ -101,9 +101,9 @@ async def _opcua(url: str, pki, user: str, password: str, product_after: str):
 def test_whole_line_camera_to_plc(tmp_path):
     from pymodbus.client import ModbusTcpClient
 
-    from inspector.line.modbus import VERDICT_CODES
-    from inspector.line.opcua import make_self_signed
     from inspector.line.runner import LineStation
+    from inspector.line.sinks.modbus import VERDICT_CODES
+    from inspector.line.sinks.opcua import make_self_signed
 
     station = make_station(tmp_path)
     pki = make_self_signed(tmp_path / "plc.pem", tmp_path / "plc-key.pem", common_name="plc", uri="urn:test:plc")
@@ -153,7 +153,7 @@ def test_serve_starts_a_free_run_line_from_config(tmp_path):
     from PIL import Image
     from skimage import data
 
-    from inspector.commands.serve import _start_line
+    from inspector.cli.commands.serve import _start_line
 
     station = make_station(tmp_path, names=("pa",))
     frames = tmp_path / "frames"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from inspector.detectors.musc import (
+from inspector.detectors.musc.detector import (
     MuSc,
     interval_bounds,
     lnamd,
@@ -314,7 +314,7 @@ def test_bf16_close_to_fp32():
 
 
 def test_clip_backbone_uses_global_embedding():
-    from inspector.backbone import load_backbone
+    from inspector.backbones.registry import load_backbone
 
     bb = load_backbone("clip/tiny", device="cpu")
     m = MuSc(bb, r_list=(1, 3))

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from conftest import random_crops
 
-from inspector import products as products_mod
 from inspector.io import write_image
-from inspector.products import N_VIEWS, ProductExists, ProductNotFound, RuntimeUnavailable
-from inspector.service import Station
+from inspector.products import registry as products_mod
+from inspector.products.registry import N_VIEWS, ProductExists, ProductNotFound, RuntimeUnavailable
+from inspector.station.service import Station
 from inspector.verdict import Thresholds, Verdict, calibrate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_registration_errors_are_clear(station, brick):
 
 
 def test_cli_register_products_and_history(station, brick, tmp_path, capsys):
-    from inspector.cli import main
+    from inspector.cli.main import main
 
     d = ["--data-dir", str(station.data_dir)]
     shots = [write_image(tmp_path / f"s{i}.png", im) for i, im in enumerate(random_crops(brick, 2, seed=11))]
@@ -190,7 +190,7 @@ def test_cli_register_products_and_history(station, brick, tmp_path, capsys):
 def test_graphcore_registration_trains_its_head_once(station, brick, monkeypatch):
     """The held-out folds refit the bank without their shot but reuse the final model's head:
     one head training per registration, not one per fold (5x the time at 4 shots)."""
-    from inspector.detectors.graphcore import GraphCore
+    from inspector.detectors.graphcore.detector import GraphCore
 
     trained, reused = [], []
     real_train, real_fit = GraphCore._train_head, GraphCore.fit
@@ -215,8 +215,8 @@ def test_graphcore_registration_trains_its_head_once(station, brick, monkeypatch
 def test_reused_head_is_refused_across_configs(brick):
     import torch
 
-    from inspector.backbone import load_backbone
-    from inspector.detectors.graphcore import GraphCore
+    from inspector.backbones.registry import load_backbone
+    from inspector.detectors.graphcore.detector import GraphCore
 
     bb = load_backbone("tiny-cnn", device="cpu", image_size=64)
     x = bb.preprocess(random_crops(brick, 2))

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import free_port, random_crops
 
-from inspector.config import StationConfig, check_password, hash_password
 from inspector.io import write_image
+from inspector.station.config import StationConfig, check_password, hash_password
 
 PRODUCT = "brick-api"
 
@@ -20,7 +20,7 @@ PRODUCT = "brick-api"
 def served(tmp_path_factory, brick):
     """A station (tiny-cnn product) served in this process on a free port."""
     from app.station import StationApp
-    from inspector.service import Station
+    from inspector.station.service import Station
 
     tmp = tmp_path_factory.mktemp("station-api")
     station = Station(tmp / "data")

@@ -25,7 +25,7 @@ import pytest
 from conftest import free_port
 
 from inspector.io import write_image
-from inspector.store import Store
+from inspector.station.store import Store
 from inspector.verdict import Thresholds
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -22,8 +22,8 @@ PRODUCT = "brick-ui"
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, brick):
     from app.station import StationApp
-    from inspector.config import StationConfig
-    from inspector.service import Station
+    from inspector.station.config import StationConfig
+    from inspector.station.service import Station
 
     tmp = tmp_path_factory.mktemp("station-ui")
     station = Station(tmp / "data")
@@ -185,7 +185,7 @@ def test_slider_step_and_rule_shared_by_preview_and_save(app):
 
 def test_heatmap_has_no_tint_below_ok_and_the_colour_bar_marks_both_thresholds(rng):
     from app import views
-    from inspector.heatmap import overlay
+    from inspector.products.heatmap import overlay
     from inspector.verdict import Thresholds
 
     img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)

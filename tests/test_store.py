@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
 
-from inspector import store as store_mod
-from inspector.store import SCHEMA_VERSION, Store
+from inspector.station import store as store_mod
+from inspector.station.store import SCHEMA_VERSION, Store
 
 
 def _row(i, **kw):

@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
+from inspector.data.mvtec import folder_kwargs, read_mvtec, write_mvtec
 from inspector.synth import KINDS, generate_defects, make_defect
 from inspector.synth.masks import perlin_mask, perlin_noise, scar_mask
-from inspector.synth.mvtec import folder_kwargs, read_mvtec, write_mvtec
 
 
 def _check_pair(src: np.ndarray, out: np.ndarray, mask: np.ndarray) -> None:
@@ -253,7 +253,7 @@ def test_unconditional_samples_look_like_the_training_defects(disc_gen):
 # ----------------------------------------------------------------------------- CLI
 
 def test_cli_generate_and_train(tmp_path, images):
-    from inspector.cli import main
+    from inspector.cli.main import main
 
     normal = tmp_path / "normal"
     normal.mkdir()
@@ -549,7 +549,7 @@ def test_training_resumes_exactly_from_checkpoint(tmp_path, images):
 
 
 def test_estimated_masks_match_the_textile_estimator():
-    from inspector.datasets import textile_local_defects
+    from inspector.data.samples import textile_local_defects
     from inspector.synth.diffusion import mask_iou
     from inspector.synth.estimate import estimate_mask_self
 
@@ -560,8 +560,8 @@ def test_estimated_masks_match_the_textile_estimator():
 
 
 def test_cli_train_without_masks_estimates_them(tmp_path, capsys):
-    from inspector.cli import main
-    from inspector.datasets import textile_local_defects
+    from inspector.cli.main import main
+    from inspector.data.samples import textile_local_defects
 
     folder = tmp_path / "defects"
     folder.mkdir()
@@ -580,7 +580,7 @@ def test_cli_train_without_masks_estimates_them(tmp_path, capsys):
 # ----------------------------------------------------------------------------- products
 
 def test_product_calibrated_with_generator_records_it(tmp_path, disc_gen, tiny_cnn):
-    from inspector.products import ProductRegistry
+    from inspector.products.registry import ProductRegistry
     from inspector.synth import describe_generator
 
     path = disc_gen.save(tmp_path / "models" / "discs")
@@ -609,7 +609,7 @@ def test_registration_passes_generator_to_a_fit_that_takes_one(tmp_path, tiny_cn
     """A detector whose ``fit`` accepts ``generator`` receives the registration's generator (and
     trains on its defects); one whose ``fit`` does not is fitted as before."""
     from inspector.detectors.base import detector_class
-    from inspector.products import _fit
+    from inspector.products.registry import _fit
 
     base = detector_class("patchcore")
     seen = []
@@ -630,7 +630,7 @@ def test_registration_passes_generator_to_a_fit_that_takes_one(tmp_path, tiny_cn
 
 
 def test_cli_register_rejects_missing_generator(tmp_path):
-    from inspector.cli import main
+    from inspector.cli.main import main
 
     img = tmp_path / "a.png"
     cv2.imwrite(str(img), _flat(1))

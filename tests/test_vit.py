@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from inspector.backbone import load_backbone
-from inspector.backbone.vit import ClipBackbone
-from inspector.detectors.anomalyclip import AnomalyCLIP
-from inspector.detectors.musc import MuSc
-from inspector.detectors.shared import score_shared
+from inspector.backbones.registry import load_backbone
+from inspector.backbones.vit import ClipBackbone
+from inspector.detectors.anomalyclip.detector import AnomalyCLIP
+from inspector.detectors.musc.detector import MuSc
+from inspector.detectors.shared_pass import score_shared
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import zipfile
 import pytest
 import torch
 
-from inspector.backbone import MissingWeightsError
-from inspector.backbone.vit import load_clip
-from inspector.weights import (
+from inspector.backbones.registry import MissingWeightsError
+from inspector.backbones.vit import load_clip
+from inspector.backbones.weights import (
     WeightsError,
     clip_arch,
     import_clip,
@@ -159,7 +159,7 @@ def test_safetensors_and_transformers_layout_import(tmp_path, files):
 
 
 def test_wrong_truncated_and_tampered_files_give_one_clear_error(tmp_path, files):
-    from inspector.cli import main
+    from inspector.cli.main import main
 
     # wrong architecture: the tiny file is not ViT-B-16
     with pytest.raises(WeightsError) as err:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..backbone import PatchBackbone
+from inspector.backbones.registry import PatchBackbone
 
 
 @dataclass
@@ -127,11 +127,11 @@ def top_mean(maps: Tensor, fraction: float = 0.01) -> Tensor:
 
 
 DETECTORS: dict[str, str] = {
-    "musc": "inspector.detectors.musc:MuSc",
-    "graphcore": "inspector.detectors.graphcore:GraphCore",
-    "patchcore": "inspector.detectors.graphcore:PatchCoreKNN",
-    "patchcore-aug": "inspector.detectors.graphcore:AugmentedPatchCore",
-    "anomalyclip": "inspector.detectors.anomalyclip:AnomalyCLIP",
+    "musc": "inspector.detectors.musc.detector:MuSc",
+    "graphcore": "inspector.detectors.graphcore.detector:GraphCore",
+    "patchcore": "inspector.detectors.graphcore.detector:PatchCoreKNN",
+    "patchcore-aug": "inspector.detectors.graphcore.detector:AugmentedPatchCore",
+    "anomalyclip": "inspector.detectors.anomalyclip.detector:AnomalyCLIP",
 }
 
 

@@ -8,10 +8,10 @@
     save_heatmaps = false    # heatmap PNG per part (costs ~10-30 ms a part)
     trigger_timeout_s = 5.0  # a software trigger whose frame does not come in time: part dropped
 
-    [line.camera]            # GenICam settings (inspector.line.genicam.GenICamSettings)
-    [line.opcua]             # OPC UA server (inspector.line.opcua.OpcUaSettings)
-    [line.modbus]            # Modbus TCP reject gate (inspector.line.modbus.ModbusSettings)
-    [line.metrics]           # /metrics + /health (inspector.line.metrics.MetricsSettings)
+    [line.camera]            # GenICam settings (inspector.cameras.genicam.GenICamSettings)
+    [line.opcua]             # OPC UA server (inspector.line.sinks.opcua.OpcUaSettings)
+    [line.modbus]            # Modbus TCP reject gate (inspector.line.sinks.modbus.ModbusSettings)
+    [line.metrics]           # /metrics + /health (inspector.line.sinks.metrics.MetricsSettings)
 
 Every key is optional; the defaults are the safe ones (servers bound to 127.0.0.1, OPC UA
 anonymous read-only, Modbus off). Unknown keys are errors, so a typo never silently falls back.
@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .genicam import GenICamSettings
-from .metrics import MetricsSettings
-from .modbus import ModbusSettings
-from .opcua import OpcUaSettings
+from inspector.cameras.genicam import GenICamSettings
+from inspector.line.sinks.metrics import MetricsSettings
+from inspector.line.sinks.modbus import ModbusSettings
+from inspector.line.sinks.opcua import OpcUaSettings
 
 
 def _build(cls, values: dict[str, Any] | None, where: str):

@@ -2,14 +2,14 @@
 
 Two threads, so that the camera is never starved while the model works:
 
-* **acquisition** reads frames from the :class:`~inspector.camera.Camera` (one frame per trigger
+* **acquisition** reads frames from the :class:`~inspector.cameras.sources.Camera` (one frame per trigger
   in trigger mode, every frame in free-run) and puts them on a bounded queue. When the queue is
   full the part is **dropped**: counted, recorded in the store (verdict ERROR, error
   ``"dropped: ..."``) and published as an ERROR verdict with its frame id, so that the reject gate
   treats it as not inspected instead of letting it pass. (A free-running camera delivers frames
   whether or not a part is there: its dropped frames are counted, not published as parts.)
 * **inspection** takes frames off the queue, scores them with the active product through
-  :meth:`inspector.service.Station.inspect` (which records the result: the source string carries
+  :meth:`inspector.station.service.Station.inspect` (which records the result: the source string carries
   the camera, frame id and device timestamp), and publishes a :class:`LineVerdict`.
 
 Software triggers are matched to frames in order; a trigger whose frame does not come within
@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..camera import Camera, Frame
-from ..verdict import ERROR
+from inspector.cameras.sources import Camera, Frame
+from inspector.verdict import ERROR
 
 log = logging.getLogger(__name__)
 COUNTERS = ("OK", "UNCERTAIN", "NG", "ERROR", "dropped")
@@ -94,7 +94,7 @@ class VerdictLog:
 
 @dataclass
 class LinePipeline:
-    """See module docstring. ``station`` is an :class:`inspector.service.Station`."""
+    """See module docstring. ``station`` is an :class:`inspector.station.service.Station`."""
 
     station: object
     product: str

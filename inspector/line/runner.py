@@ -9,10 +9,10 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from ..camera import Camera, make_source
-from .config import LineConfig
-from .metrics import LineMetrics, MetricsServer
-from .pipeline import LinePipeline
+from inspector.cameras.sources import Camera, make_source
+from inspector.line.config import LineConfig
+from inspector.line.pipeline import LinePipeline
+from inspector.line.sinks.metrics import LineMetrics, MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def make_line_camera(cfg: LineConfig) -> Camera:
     ``self_trigger`` off: the pipeline triggers it once per part."""
     spec = cfg.source or "genicam://"
     if spec.lower().startswith("genicam://"):
-        from .genicam import GenICamSource, parse_spec
+        from inspector.cameras.genicam import GenICamSource, parse_spec
 
         device, query = parse_spec(spec)
         settings = cfg.camera
@@ -56,12 +56,12 @@ class LineStation:
                 self.metrics_server.start()
             self.pipeline.start()  # loads the model first: the health endpoint says not-ready until then
             if self.cfg.opcua.enabled:
-                from .opcua import StationOpcUaServer
+                from inspector.line.sinks.opcua import StationOpcUaServer
 
                 self.opcua = StationOpcUaServer(self.cfg.opcua, self.pipeline, pki_dir=self.data_dir).start()
                 self.pipeline.listeners.append(self.opcua.on_verdict)
             if self.cfg.modbus.enabled:
-                from .modbus import RejectGateServer
+                from inspector.line.sinks.modbus import RejectGateServer
 
                 self.modbus = RejectGateServer(self.cfg.modbus, self.pipeline).start()
                 self.pipeline.listeners.append(self.modbus.on_verdict)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .fallback import KINDS, make_defect
-from .masks import perlin_mask, perlin_noise, scar_mask
+from inspector.synth.fallback import KINDS, make_defect
+from inspector.synth.masks import perlin_mask, perlin_noise, scar_mask
 
 __all__ = ["KINDS", "build_synthetic_product", "describe_generator", "generate_defects", "list_generators",
            "make_defect", "perlin_mask", "perlin_noise", "scar_mask"]
@@ -35,7 +35,7 @@ def _resolve(generator: Any) -> Any:
     if isinstance(generator, str) and generator in KINDS:
         return lambda img, rng, severity=None, kind=generator: make_defect(img, rng, kind=kind, severity=severity)
     if isinstance(generator, (str, os.PathLike)):
-        from .diffusion import DefectGen  # a path to a trained model
+        from inspector.synth.diffusion import DefectGen  # a path to a trained model
 
         return DefectGen.load(generator_path(generator))
     if hasattr(generator, "make_defects") or hasattr(generator, "make_defect"):
@@ -65,7 +65,7 @@ def generate_defects(normal_images: Sequence[np.ndarray], n: int,
 
     from tqdm.auto import tqdm
 
-    from .severity import draw_severities
+    from inspector.synth.severity import draw_severities
 
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     gen = _resolve(generator)
@@ -99,8 +99,8 @@ def build_synthetic_product(normal: Sequence[str | os.PathLike | np.ndarray], ou
     """
     import json
 
-    from ..io import read_image
-    from .mvtec import write_mvtec
+    from inspector.data.mvtec import write_mvtec
+    from inspector.io import read_image
 
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     images = [read_image(p) if not isinstance(p, np.ndarray) else p for p in normal]
@@ -128,7 +128,7 @@ def build_synthetic_product(normal: Sequence[str | os.PathLike | np.ndarray], ou
 
 def synth_models_dir() -> Path:
     """``<models>/synth`` (``$INSPECTOR_MODELS`` or the repository's ``models/``)."""
-    from ..backbone import models_dir
+    from inspector.backbones.registry import models_dir
 
     return models_dir() / "synth"
 
@@ -145,7 +145,7 @@ def generator_path(generator: str | os.PathLike) -> Path:
 def list_generators(root: str | os.PathLike | None = None) -> list[Path]:
     """Trained diffusion generators (folders with ``defectgen.json``) under ``root``
     (default :func:`synth_models_dir`), sorted by name."""
-    from .diffusion import CONFIG_NAME
+    from inspector.synth.diffusion import CONFIG_NAME
 
     root = Path(root) if root is not None else synth_models_dir()
     if not root.is_dir():
@@ -161,7 +161,7 @@ def describe_generator(generator: Any) -> dict:
         return {"kind": "fallback", "name": generator if generator in KINDS else "fallback",
                 "version": fallback_version(), "path": None}
     if isinstance(generator, (str, os.PathLike)):
-        from .diffusion import DefectGen
+        from inspector.synth.diffusion import DefectGen
 
         generator = DefectGen.load(generator_path(generator), device="cpu")
     if hasattr(generator, "version") and hasattr(generator, "config"):

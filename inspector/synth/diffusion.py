@@ -49,8 +49,8 @@ import cv2
 import numpy as np
 import torch
 
-from .fallback import enforce_change
-from .fallback import make_defect as fallback_defect
+from inspector.synth.fallback import enforce_change
+from inspector.synth.fallback import make_defect as fallback_defect
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "defectgen.json"
@@ -197,8 +197,8 @@ def load_defect_images(defects: str | os.PathLike, masks: str | os.PathLike | No
     ``types``; masks from ``ground_truth/<type>`` where present; normals from ``train/good``) or a
     plain folder of defect images with masks in ``masks`` (``<stem>_mask.png`` / ``<stem>.png``;
     an image without one gets None)."""
-    from ..io import is_image_file, read_image
-    from .mvtec import read_mvtec
+    from inspector.data.mvtec import read_mvtec
+    from inspector.io import is_image_file, read_image
 
     root = Path(defects)
     pairs: list[tuple[Path, Path | None]] = []
@@ -241,7 +241,7 @@ def load_defect_pairs(defects: str | os.PathLike, masks: str | os.PathLike | Non
     (:func:`inspector.synth.estimate.estimate_mask_self`) for the rest; images whose mask is
     empty are dropped. ``report`` (a dict) receives the counts ``given``, ``estimated``,
     ``dropped_empty``."""
-    from .estimate import estimate_masks
+    from inspector.synth.estimate import estimate_masks
 
     items, _ = load_defect_images(defects, masks, types)
     missing = [i for i, (_, m) in enumerate(items) if m is None]
@@ -540,7 +540,7 @@ class DefectGen:
         A draw is rejected (``stats``: ``rejected_empty``, ``rejected_iou``) when its mask channel
         is empty or disagrees with where the image changed (IoU < ``config.min_mask_iou``).
         """
-        from .severity import draw_severities
+        from inspector.synth.severity import draw_severities
 
         c = self.config
         p = c.patch

@@ -24,7 +24,7 @@ import math
 import cv2
 import numpy as np
 
-from .masks import DEFAULT_AREA, perlin_mask, rect_mask, scar_mask
+from inspector.synth.masks import DEFAULT_AREA, perlin_mask, rect_mask, scar_mask
 
 KINDS = ("perlin", "cutpaste", "scar")
 #: Probability of each kind when ``kind="any"``.
@@ -191,7 +191,7 @@ def make_defect(rgb: np.ndarray, rng: np.random.Generator, kind: str = "any", *,
     img = _as_rgb(rgb)
     base, step, feather = 1.0, 0.5, 2.0
     if severity is not None:
-        from .severity import severity_params
+        from inspector.synth.severity import severity_params
 
         sp = severity_params(severity, area)
         area, base, step, min_mean_change = sp["area"], sp["strength"], 0.0, sp["min_mean_change"]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .masks import DEFAULT_AREA
+from inspector.synth.masks import DEFAULT_AREA
 
 #: Band edges for reports (faint, medium, obvious).
 BANDS = (0.0, 1 / 3, 2 / 3, 1.0)

@@ -1,0 +1,2 @@
+"""The ``inspector`` command: :mod:`.main` parses and dispatches; :mod:`.commands` holds one module
+per subcommand."""

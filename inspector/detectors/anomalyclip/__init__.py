@@ -1,0 +1,1 @@
+"""AnomalyCLIP (zero-shot, learned object-agnostic prompts, DPAM) on a CLIP backbone."""

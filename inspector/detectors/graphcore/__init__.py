@@ -1,0 +1,2 @@
+"""GraphCore (few-shot: memory bank of shots, graph head, isometric invariance) and the plain
+PatchCore-style baselines it is measured against."""

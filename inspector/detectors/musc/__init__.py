@@ -1,0 +1,1 @@
+"""MuSc (zero-shot mutual scoring of unlabeled images: LNAMD, MSM, RsCIN)."""
