@@ -350,12 +350,14 @@ def separability(normal: np.ndarray, defects: np.ndarray) -> tuple[np.ndarray, n
     None without both kinds."""
     if not (len(normal) and len(defects)):
         return None
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
+
+    from inspector.eval.metrics import auroc
 
     y = np.r_[np.zeros(len(normal)), np.ones(len(defects))]
     s = np.r_[normal, defects]
     fpr, tpr, _ = roc_curve(y, s)
-    return fpr, tpr, float(roc_auc_score(y, s))
+    return fpr, tpr, float(auroc(s, y))
 
 
 def _separability(ax, normal, defects, ok_below, ng_above) -> None:

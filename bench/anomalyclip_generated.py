@@ -27,17 +27,12 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
-from sklearn.metrics import roc_auc_score
 
 from inspector.backbones.registry import load_backbone
 from inspector.data.samples import build_sample
-from inspector.detectors.anomalyclip.detector import (
-    AnomalyCLIP,
-    MaskedImages,
-    pixel_auroc,
-    scan_mvtec,
-    train_prompts,
-)
+from inspector.detectors.anomalyclip.detector import AnomalyCLIP
+from inspector.detectors.anomalyclip.train import MaskedImages, scan_mvtec, train_prompts
+from inspector.eval.metrics import auroc, pixel_auroc
 
 
 def evaluate(det: AnomalyCLIP, ds: MaskedImages) -> tuple[float, float]:
@@ -46,7 +41,7 @@ def evaluate(det: AnomalyCLIP, ds: MaskedImages) -> tuple[float, float]:
     masks = torch.stack([it[1] for it in items])
     labels = np.array([int(it[3]) for it in items])
     r = det.score(x)
-    return pixel_auroc(r.maps, masks), float(roc_auc_score(labels, r.scores.numpy()))
+    return pixel_auroc(r.maps, masks), auroc(r.scores, labels)
 
 
 def main() -> None:

@@ -34,10 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from inspector.eval.measure import sync  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     hook = bb.visual.conv1.register_forward_hook(lambda m, i, o: count.__setitem__("images", count["images"] + i[0].shape[0]))
 
     def timed(fn):
-        _sync(device)
+        sync(device)
         count["images"] = 0
         t, c = time.perf_counter(), time.process_time()
         fn()
-        _sync(device)
+        sync(device)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         return wall * 1e3 / args.n, cpu * 1e3 / args.n, count["images"] / args.n
 

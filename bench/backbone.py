@@ -16,24 +16,24 @@ from rich.console import Console
 from rich.table import Table
 
 from inspector.backbones.registry import PRODUCTION, TEST_ONLY, MissingWeightsError, load_backbone
+from inspector.eval.measure import sync
 
 
 def time_backbone(bb, size: int, batch: int, repeats: int) -> float:
     x = torch.randn(batch, 3, size, size)
     bb.embed(x)  # warm-up (cudnn autotune, allocator)
-    if bb.device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(bb.device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         bb.embed(x)
-    if bb.device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(bb.device)
     return (time.perf_counter() - t0) / (repeats * batch) * 1e3
 
 
 def random_architecture(name: str):
     """Same architecture as ``name`` with random weights, for timing only (never for scoring)."""
-    from inspector.backbones.vit import DINOV2_WEIGHTS, ClipBackbone, Dinov2Backbone
+    from inspector.backbones.configs import BACKBONES
+    from inspector.backbones.vit import ClipBackbone, Dinov2Backbone
 
     if name.startswith("clip/"):
         import open_clip
@@ -42,7 +42,7 @@ def random_architecture(name: str):
         return ClipBackbone(open_clip.create_model(arch, pretrained=None), name=name, is_random=True)
     import timm
 
-    timm_name = DINOV2_WEIGHTS[name.split("/", 1)[1]][0]
+    timm_name = BACKBONES[name].arch
     model = timm.create_model(timm_name, pretrained=False, img_size=448, dynamic_img_size=True)
     return Dinov2Backbone(model, name=name, is_random=True)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inspector.eval.measure import peak_rss_mib  # noqa: E402
+from inspector.eval.measure import peak_rss_mib, sync  # noqa: E402
 
 
 def make_folder(folder: Path, n: int, size: int, seed: int = 0) -> None:
@@ -58,19 +58,18 @@ def child(args) -> None:
     """One batch run in this process; prints a JSON line."""
     import torch
 
-    from inspector.station.service import Station
+    from inspector.station.service import StationService
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    st = Station(args.data, device=args.device)
+    st = StationService(args.data, device=args.device)
     prod = st.registry.get(args.product)
     st.registry.runtime(prod)  # model load is not part of the batch rate
     rss0 = peak_rss_mib()
     t0 = time.perf_counter()
     s = st.batch(args.folder, args.product, batch_size=args.batch_size, progress=False, resume=False,
                  heatmaps=args.heatmaps, out_dir=Path(args.data) / "bench-out")
-    if args.device and args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(args.device)
     wall = time.perf_counter() - t0
     print(json.dumps({"n": s.n_new, "wall_s": wall, "ips": s.n_new / wall, "rss_loaded_mib": rss0,
                       "peak_rss_mib": peak_rss_mib(),
@@ -84,11 +83,11 @@ def ray_child(args) -> None:
     import pyarrow.dataset as pads
 
     from inspector.batch.ray import connect, run_batch_ray
-    from inspector.station.service import Station
+    from inspector.station.service import StationService
 
     os.environ["PYTHONPATH"] = str(ROOT)  # the Ray workers import this checkout
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    st = Station(args.data, device=args.device)
+    st = StationService(args.data, device=args.device)
     prod = st.registry.get(args.product)
     t0 = time.perf_counter()
     connect(None, num_cpus=args.ray_cpus, object_store_memory=512 * 2**20)
@@ -162,9 +161,9 @@ def main() -> None:
     print(f"folders ready in {time.perf_counter() - t0:.1f} s ({work})", file=sys.stderr)
 
     from inspector.io import read_image
-    from inspector.station.service import Station
+    from inspector.station.service import StationService
 
-    st = Station(data, device=args.device)
+    st = StationService(data, device=args.device)
     name = f"bench-{args.detector}-{args.backbone.replace('/', '_')}-{args.size}"
     if not st.registry.exists(name):
         shots = [read_image(p) for p in sorted(big.iterdir())[:2]]
@@ -208,9 +207,9 @@ def engines(args, data: Path, folder: Path, name: str) -> None:
     for w in (1, 2):
         runs.append(dict(engine="ray", workers=w, **run_child([sys.executable, __file__, "--ray-child", "--ray-workers",
                                                                str(w), "--ray-cpus", str(args.ray_cpus), *common])))
-    from inspector.station.service import Station
+    from inspector.station.service import StationService
 
-    st = Station(data, device="cpu")
+    st = StationService(data, device="cpu")
     torch.set_num_threads(1)
     gc = graphcore_flops(st, name, folder)
     js_sizing = sizing(gc, runs[0]["ips"], gc, args.size) if args.detector == "graphcore" else None
@@ -253,9 +252,9 @@ def musc_flops(size: int = 518, n_set: int = 64, patch: int = 14, dim: int = 102
                n_layers: int = 4, n_r: int = 3) -> dict:
     """FLOPs per image of MuSc on ViT-L-14-336 at ``size`` px in mutual sets of ``n_set`` images:
     the ViT forward (``24 T d^2 + 4 T^2 d`` per block, T tokens) and the mutual-scoring distance
-    matmuls, counted by MuSc's own :func:`~inspector.detectors.musc.detector.msm_flops` for each of the
+    matmuls, counted by MuSc's own :func:`~inspector.detectors.musc.budget.msm_flops` for each of the
     ``n_layers x n_r`` (layer, LNAMD r) pairs, divided over the set."""
-    from inspector.detectors.musc.detector import msm_flops
+    from inspector.detectors.musc.budget import msm_flops
 
     t = (size // patch) ** 2 + 1
     vit = depth * (24 * t * dim**2 + 4 * t**2 * dim)

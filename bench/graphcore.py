@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench._markdown import splice  # noqa: E402
 from inspector.backbones.registry import load_backbone  # noqa: E402
 from inspector.detectors.graphcore.detector import AugmentedPatchCore, GraphCore, PatchCoreKNN  # noqa: E402
+from inspector.eval.measure import sync  # noqa: E402
 
 
 def brick_crops(n: int, size: int, seed: int) -> list[np.ndarray]:
@@ -48,11 +49,6 @@ def brick_crops(n: int, size: int, seed: int) -> list[np.ndarray]:
     for y, x in zip(rng.integers(0, 512 - side, n), rng.integers(0, 512 - side, n)):
         out.append(cv2.resize(brick[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_LINEAR))
     return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:

@@ -53,9 +53,9 @@ def groups(product: str, types: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def auroc(scores: torch.Tensor, labels: np.ndarray, keep: np.ndarray) -> float:
-    from inspector.eval.runner import image_metrics
+    from inspector.eval.metrics import auroc as image_auroc
 
-    return float(image_metrics(scores[torch.from_numpy(keep)], labels[keep])["image_auroc"])
+    return float(image_auroc(scores[torch.from_numpy(keep)], labels[keep]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from inspector.backbones.registry import load_backbone
     from inspector.data.samples import build_sample
     from inspector.detectors.graphcore.detector import GraphCore, PatchCoreKNN
-    from inspector.eval.runner import draw_shots, find_classes, load_test_set
+    from inspector.eval.data import draw_shots, find_classes, load_test_set
     from inspector.io import read_image
 
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}

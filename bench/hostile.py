@@ -38,7 +38,7 @@ PROBE = r"""
 import json, resource, sys, time
 from pathlib import Path
 from inspector import io as imio
-from inspector.batch import load_file
+from inspector.batch.common import load_file
 path = Path(sys.argv[1])
 before = reset_peak()
 t0 = time.perf_counter()
@@ -112,9 +112,9 @@ def batch(tmp: Path) -> dict:
     from test_hostile import BOMBS, SUFFIX
 
     from inspector.io import write_image
-    from inspector.station.service import Station
+    from inspector.station.service import StationService
 
-    st = Station(tmp / "data", device="cpu")
+    st = StationService(tmp / "data", device="cpu")
     g = skdata.brick()
     rgb = np.repeat(g[..., None], 3, axis=2)
     st.registry.register("brick", [rgb[:96, :96].copy(), rgb[100:196, 100:196].copy()], detector="patchcore",

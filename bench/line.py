@@ -61,18 +61,18 @@ def main() -> int:
     import numpy as np
     import torch
 
+    from inspector.cameras.camera import Camera
     from inspector.cameras.fakecam import fake_camera
     from inspector.cameras.genicam import GenICamSettings, GenICamSource
-    from inspector.cameras.sources import Camera
     from inspector.data.samples import build_sample
     from inspector.io import list_images, read_image
     from inspector.line.pipeline import LinePipeline, VerdictLog, latency_stats
-    from inspector.station.service import Station
+    from inspector.station.service import StationService
 
     if args.threads:
         torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]
-    station = Station(args.data_dir, device=args.device)
+    station = StationService(args.data_dir, device=args.device)
     product = f"brick-{args.detector}-{args.size}"
     t = time.perf_counter()
     replace = False

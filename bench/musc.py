@@ -17,7 +17,7 @@ every backbone layer, MSM, RsCIN). Columns:
 * ``peak MiB``: measured peak working memory of the scoring call above what was allocated before
   it (CPU: resident-set size sampled every 1 ms by a thread, large blocks served by mmap so that freed
   tensors leave the RSS; CUDA: ``max_memory_allocated``), and
-  ``model MiB``: the peak predicted by :func:`inspector.detectors.musc.detector.msm_memory`;
+  ``model MiB``: the peak predicted by :func:`inspector.detectors.musc.budget.msm_memory`;
 * ``GFLOP``: matmul FLOPs issued for the distances (``2 * rows * cols * (C + 2)`` per block, the
   symmetric schedule computing each image pair once); ``GFLOP/s``: that over the musc time;
   ``% gemm``: against a large square GEMM measured on the same device in the same precision, i.e.
@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -51,38 +50,7 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-
-class PeakRSS:
-    """Peak resident-set size above the level at ``__enter__``, sampled by a thread."""
-
-    def __init__(self, interval: float = 0.001):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def used(self) -> int:
-        return self.peak - self.base
+from inspector.eval.measure import PeakMemory, sync  # noqa: E402
 
 
 def gemm_peak(device: torch.device, precision: str) -> float:
@@ -90,7 +58,7 @@ def gemm_peak(device: torch.device, precision: str) -> float:
     n = 4096 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
-    from inspector.detectors.musc.detector import _matmul_precision
+    from inspector.detectors.musc.torch_model import _matmul_precision
 
     with _matmul_precision(precision, device):
         a @ a
@@ -101,11 +69,6 @@ def gemm_peak(device: torch.device, precision: str) -> float:
             a @ a
         sync(device)
     return reps * 2 * n**3 / (time.perf_counter() - t0) / 1e9
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def brick_crops(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
@@ -152,19 +115,11 @@ def run_one(bb, n: int, size: int, device: torch.device, aligned: bool, precisio
     t_bb = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    with PeakMemory(device, interval=0.001) as mem:
         t0 = time.perf_counter()
         m.score_features(feats, (size, size), image_features=glob)
         sync(device)
         t_musc = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            m.score_features(feats, (size, size), image_features=glob)
-            t_musc = time.perf_counter() - t0
-        peak = mem.used
     info = m.last_info
     h, w = next(iter(feats.values())).shape[1:3]
     return {
@@ -172,7 +127,7 @@ def run_one(bb, n: int, size: int, device: torch.device, aligned: bool, precisio
         "chunk": info["chunk"], "symmetric": info["symmetric"], "precision": info["precision"],
         "backbone_ms_per_image": t_bb * 1e3 / n, "musc_ms_per_image": t_musc * 1e3 / n,
         "total_ms_per_image": (t_bb + t_musc) * 1e3 / n,
-        "peak_mib": peak / 2**20, "model_mib": info["predicted_peak_bytes"] / 2**20,
+        "peak_mib": mem.rise_mb, "model_mib": info["predicted_peak_bytes"] / 2**20,
         "gflop": info["flops"] / 1e9, "gflops_per_s": info["flops"] / t_musc / 1e9,
     }
 

@@ -30,10 +30,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+from inspector.eval.measure import sync  # noqa: E402
 
 
 def timeit(fn, device: str, repeats: int) -> tuple[float, float]:
@@ -43,12 +40,12 @@ def timeit(fn, device: str, repeats: int) -> tuple[float, float]:
     wall time there measures the other processes too.
     """
     fn()
-    _sync(device)
+    sync(device)
     walls, cpus = [], []
     for _ in range(repeats):
         c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
     return statistics.median(walls), statistics.median(cpus)
@@ -82,7 +79,7 @@ def main() -> None:
 
     from inspector.backbones.registry import load_backbone
     from inspector.deploy.export import export_backbone, export_detector
-    from inspector.deploy.runtime import OnnxRunner
+    from inspector.deploy.onnx import OnnxRunner
     from inspector.detectors.graphcore.detector import GraphCore
 
     bb = load_backbone(args.backbone, device=args.device, image_size=args.size)

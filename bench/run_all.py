@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from inspector.data.samples import build_sample
-    from inspector.eval.runner import EvalConfig, evaluate, find_classes, resolve_device, rich_table
+    from inspector.eval.data import find_classes
+    from inspector.eval.runner import EvalConfig, evaluate, resolve_device
+    from inspector.eval.tables import rich_table
 
     console = Console(width=None if sys.stdout.isatty() else 240)
     device = resolve_device(args.device)
@@ -129,7 +131,8 @@ def rerender(path: Path, results_md: Path) -> int:
     import torch
     from rich.console import Console
 
-    from inspector.eval.runner import EvalConfig, RunRecord, rich_table, summarize
+    from inspector.eval.runner import EvalConfig, RunRecord
+    from inspector.eval.tables import rich_table, summarize
 
     js = json.loads(path.read_text())
     runs = [RunRecord(**r) for r in js["runs"]]
@@ -147,7 +150,7 @@ def rerender(path: Path, results_md: Path) -> int:
 
 def results_markdown(summary, report, cmd: str, size: int, device: str, wall: float, cpu: float,
                      torch_version: str) -> str:
-    from inspector.eval.runner import markdown_table
+    from inspector.eval.tables import markdown_table
 
     cuda = device.startswith("cuda")
     env = report.environment

@@ -89,7 +89,7 @@ def area_stats(masks: list[np.ndarray]) -> dict:
 
 
 def load_pairs(root: Path) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
-    from inspector.data.mvtec import read_mvtec
+    from inspector.data.mvtec import read_mask, read_mvtec
     from inspector.io import read_image
 
     info = read_mvtec(root)
@@ -97,7 +97,7 @@ def load_pairs(root: Path) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.
     pairs = []
     for t in info.masked_types:
         for p, m in zip(info.defects[t], info.masks[t]):
-            pairs.append((read_image(p), read_image(m)[..., 0] > 127))
+            pairs.append((read_image(p), read_mask(m)))
     return normals, pairs
 
 

@@ -82,9 +82,14 @@ def _sampler_note(st: dict | None) -> str:
 
 
 def rates(normal: np.ndarray, defect: np.ndarray, t) -> dict:
-    """False-reject / miss rates (fractions) of real images under thresholds ``t``."""
-    return {"frr_ok": float(np.mean(normal >= t.ok_below)), "frr_ng": float(np.mean(normal >= t.ng_above)),
-            "miss_ok": float(np.mean(defect < t.ok_below)), "miss_ng": float(np.mean(defect < t.ng_above))}
+    """False-reject / miss rates (fractions) of real images under thresholds ``t``, by the station's
+    own rule (:meth:`inspector.verdict.Thresholds.decide`, so a NaN score never passes as OK)."""
+    from inspector.verdict import Verdict
+
+    vn = [t.decide(float(x)) for x in np.ravel(normal)]
+    vd = [t.decide(float(x)) for x in np.ravel(defect)]
+    return {"frr_ok": float(np.mean([v != Verdict.OK for v in vn])), "frr_ng": float(np.mean([v == Verdict.NG for v in vn])),
+            "miss_ok": float(np.mean([v == Verdict.OK for v in vd])), "miss_ng": float(np.mean([v != Verdict.NG for v in vd]))}
 
 
 class HeldOutKinds:
@@ -117,7 +122,7 @@ class Both:
 
 def load_product(name: str, shots: int):
     """Shots, real test normals, real defects ``{type: [(img, mask or None)]}``."""
-    from inspector.data.mvtec import read_mvtec
+    from inspector.data.mvtec import read_mask, read_mvtec
     from inspector.data.samples import build_sample, estimate_local_mask
     from inspector.io import read_image
 
@@ -129,7 +134,7 @@ def load_product(name: str, shots: int):
     for t in types:
         imgs = [read_image(p) for p in info.defects[t]]
         if info.masks.get(t) and all(m is not None for m in info.masks[t]):
-            masks = [read_image(m)[..., 0] > 127 for m in info.masks[t]]
+            masks = [read_mask(m) for m in info.masks[t]]
         elif t == "local":  # estimated masks for AUPRO (the source has none); never used for training
             masks = [estimate_local_mask(i) for i in imgs]
         else:
@@ -179,7 +184,7 @@ def per_defect_ms(gen, normals, n, seed) -> float:
 
 def run_product(product, args, bb, cls, reg, diffusion, takes_generator, log) -> dict:
     """Calibration quality and training value on one product (see the module docstring)."""
-    from inspector.eval.runner import compute_metrics
+    from inspector.eval.metrics import compute_metrics
     from inspector.synth import _resolve
     from inspector.verdict import calibrate
 
@@ -307,7 +312,7 @@ def main() -> int:
     from rich.console import Console
 
     from inspector.backbones.registry import load_backbone
-    from inspector.detectors.base import detector_class
+    from inspector.detectors.registry import detector_class
     from inspector.products.registry import ProductRegistry
 
     if args.device == "cpu":

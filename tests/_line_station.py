@@ -8,9 +8,9 @@ import numpy as np
 def make_station(tmp_path, names=("pa", "pb")):
     from skimage import data
 
-    from inspector.station.service import Station
+    from inspector.station.service import StationService
 
-    station = Station(tmp_path / "data")
+    station = StationService(tmp_path / "data")
     g = data.brick()
     rgb = np.repeat(g[..., None], 3, axis=2)
     gen = np.random.default_rng(0)

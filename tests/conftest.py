@@ -72,9 +72,9 @@ def random_crops(image: np.ndarray, n: int, size: int = 96, seed: int = 0) -> li
 def brick_station(tmp_path_factory, brick: np.ndarray, name: str):
     """A Station in a fresh ``name`` folder with one tiny product ``brick`` (PatchCore on the tiny
     CNN at 64 px, two 96 px brick crops): what the batch and hardening tests run against."""
-    from inspector.station.service import Station
+    from inspector.station.service import StationService
 
-    st = Station(tmp_path_factory.mktemp(name) / "data", device="cpu")
+    st = StationService(tmp_path_factory.mktemp(name) / "data", device="cpu")
     st.registry.register("brick", random_crops(brick, 2, 96, seed=0), detector="patchcore",
                          backbone="tiny-cnn", image_size=64, n_synthetic=2)
     return st

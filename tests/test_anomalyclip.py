@@ -17,18 +17,12 @@ import pytest
 import torch
 
 from inspector.backbones.registry import MissingWeightsError, load_backbone
-from inspector.detectors.anomalyclip.detector import (
-    AnomalyCLIP,
-    dice_loss,
-    encode_text_deep,
-    focal_loss,
-    load_train_state,
-    read_checkpoint,
-    run_visual,
-    scan_mvtec,
-    train_prompts,
-)
-from inspector.detectors.base import AnomalyResult, detector_class
+from inspector.detectors.anomalyclip.checkpoint import load_train_state, read_checkpoint
+from inspector.detectors.anomalyclip.detector import AnomalyCLIP
+from inspector.detectors.anomalyclip.torch_model import dice_loss, encode_text_deep, focal_loss, run_visual
+from inspector.detectors.anomalyclip.train import scan_mvtec, train_prompts
+from inspector.detectors.base import AnomalyResult
+from inspector.detectors.registry import detector_class
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +61,7 @@ def make_mvtec(root: Path, *, seed: int = 0, size: int = 64, n_train: int = 4, n
 
 
 def _batch(root: Path, size: int = 64):
-    from inspector.detectors.anomalyclip.detector import MaskedImages
+    from inspector.detectors.anomalyclip.train import MaskedImages
 
     ds = MaskedImages(scan_mvtec(root), size)
     items = [ds[i] for i in range(len(ds))]
@@ -194,6 +188,30 @@ def test_image_level_only_without_masks(bb, tmp_path):
     assert float(map_loss) == 0.0 and float(image_loss) > 0
 
 
+def test_a_bmp_mask_trains_as_a_mask_and_eval_reads_it_too(bb, tmp_path):
+    """The training scanner and evaluation read one layout rule: a ``.bmp`` mask is a mask for
+    both (the map loss uses it), and its defect pixels are the same ones."""
+    import cv2
+
+    from inspector.data.mvtec import read_mask, read_mvtec
+
+    root = make_mvtec(tmp_path / "d", n_train=1, n_good=1, n_bad=2)
+    png = root / "ground_truth" / "defect" / "000_mask.png"
+    bmp = png.with_suffix(".bmp")
+    assert cv2.imwrite(str(bmp), cv2.imread(str(png), cv2.IMREAD_UNCHANGED))
+    expect = read_mask(png)
+    png.unlink()
+    samples = scan_mvtec(root)
+    bad = {s.path.name: s for s in samples if s.label == 1}
+    assert bad["000.png"].mask == bmp and bad["000.png"].has_mask and expect.any()
+    assert read_mvtec(root).masks["defect"][0] == bmp and "defect" in read_mvtec(root).masked_types
+    x, masks, has_mask, labels = _batch(root)
+    i = next(k for k, s in enumerate(samples) if s.mask == bmp)
+    assert expect.shape == (64, 64) and torch.equal(masks[i].bool(), torch.from_numpy(expect))
+    _, map_loss, _ = AnomalyCLIP(bb).loss(x, masks, has_mask, labels)
+    assert bool(has_mask[i]) and float(map_loss) > 0
+
+
 # -- inference contract ---------------------------------------------------------------------------
 
 
@@ -251,7 +269,7 @@ def test_missing_clip_weights_raise_clear_error(bb, tmp_path, monkeypatch, capsy
     det = AnomalyCLIP(bb)
     tensors, config = det.state()
     config["backbone"] = "clip/ViT-L-14-336"
-    from inspector.detectors.anomalyclip.detector import write_checkpoint
+    from inspector.detectors.anomalyclip.checkpoint import write_checkpoint
 
     path = write_checkpoint(tmp_path / "vitl.safetensors", tensors, config)
     with pytest.raises(MissingWeightsError, match="ViT-L-14-336px.pt"):
@@ -312,7 +330,7 @@ def test_train_prompts_api_without_cache_matches_cached(bb, tmp_path):
 
 def test_cli_defaults_match_the_detector_without_importing_torch_at_parse_time():
     from inspector.cli.commands import train
-    from inspector.detectors.anomalyclip import detector as anomalyclip
+    from inspector.detectors.anomalyclip import torch_model as anomalyclip
 
     assert (train.DEFAULT_BACKBONE, train.N_CTX, train.T_N_CTX) == (
         anomalyclip.DEFAULT_BACKBONE, anomalyclip.N_CTX, anomalyclip.T_N_CTX)
@@ -437,7 +455,7 @@ def test_official_checkpoint_imports_and_scores(tmp_path, bb, images):
     """A tiny checkpoint in the official key layout ({'prompt_learner': ...}, ctx_pos [1,1,n,D],
     compound_prompts_text.{i}, projections and token buffers) imports, with the official preset."""
     from inspector.cli.main import main
-    from inspector.detectors.anomalyclip.detector import import_official_checkpoint
+    from inspector.detectors.anomalyclip.checkpoint import import_official_checkpoint
 
     g = torch.Generator().manual_seed(0)
     dim = bb.model.ln_final.weight.shape[0]

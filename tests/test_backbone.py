@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from inspector.backbones.configs import BACKBONES
 from inspector.backbones.efficientnet import load_lite0_classifier
 from inspector.backbones.registry import MissingWeightsError, describe, load_backbone
 
@@ -13,8 +14,7 @@ from inspector.backbones.registry import MissingWeightsError, describe, load_bac
 def test_lite0_real_weights_classify_coffee_as_espresso():
     from skimage import data
 
-    from inspector.backbones.base import Preprocess
-    from inspector.backbones.efficientnet import LITE_MEAN, LITE_STD
+    from inspector.backbones.base import LITE_MEAN, LITE_STD, Preprocess
 
     model = load_lite0_classifier()
     x = Preprocess(224, LITE_MEAN, LITE_STD)(data.coffee())
@@ -107,3 +107,45 @@ def test_backbones_cli_lists_and_runs(capsys):
     out = capsys.readouterr().out
     assert "efficientnet-lite0" in out and "blocks.10" in out and "NO" in out
     assert "(1, 32, 32, 112)" in out  # the coffee photo through the default backbone at 256 px
+
+
+@pytest.mark.parametrize("name", [n for n, c in BACKBONES.items() if c.family != "EfficientNetLiteBackbone"
+                                  and not c.test_only])
+def test_config_rows_match_the_architecture(name):
+    """Each weighted row says what the family builds: the layers (the family's evenly spaced default),
+    stride, native input size and normalisation. Built on the meta device: no weights needed."""
+    from inspector.backbones.vit import ClipBackbone, Dinov2Backbone
+    from inspector.backbones.weights import clip_arch
+
+    cfg = BACKBONES[name]
+    if cfg.family == "ClipBackbone":
+        bb = ClipBackbone(clip_arch(cfg.arch).build("meta"), name=name)
+    else:
+        import timm
+
+        with torch.device("meta"):
+            model = timm.create_model(cfg.arch, pretrained=False, img_size=cfg.image_size, dynamic_img_size=True)
+        bb = Dinov2Backbone(model, name=name, image_size=cfg.image_size)
+    assert (bb.layers, bb.stride, bb.preprocess.size) == (cfg.layers, cfg.stride, cfg.image_size)
+    assert (bb.preprocess.mean, bb.preprocess.std) == (cfg.mean, cfg.std)
+    assert type(bb).__name__ == cfg.family
+
+
+@pytest.mark.parametrize("name", [n for n, c in BACKBONES.items() if c.family == "EfficientNetLiteBackbone"
+                                  or c.test_only])
+def test_config_rows_match_the_built_backbone(name):
+    cfg = BACKBONES[name]
+    bb = load_backbone(name, device="cpu")
+    assert (bb.layers, bb.stride, bb.preprocess.size) == (cfg.layers, cfg.stride, cfg.image_size)
+    assert (bb.preprocess.mean, bb.preprocess.std) == (cfg.mean, cfg.std)
+    assert type(bb).__name__ == cfg.family and bb.is_random == cfg.test_only
+
+
+def test_lite0_row_names_the_wheel_file_and_its_sha256():
+    from inspector.backbones.efficientnet import lite0_weights_path
+    from inspector.state import file_sha256
+
+    cfg = BACKBONES["efficientnet-lite0"]
+    path = lite0_weights_path()
+    assert path.as_posix().endswith(cfg.weights.removeprefix("package:"))
+    assert file_sha256(path) == cfg.sha256

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from conftest import brick_station, kill_after_rows, random_crop
 
-from inspector.batch.local import batch_id_for, iter_files, run_batch
+from inspector.batch.common import batch_id_for, iter_files
+from inspector.batch.local import run_batch
 from inspector.io import read_image, write_image
 from inspector.station.store import Store
 

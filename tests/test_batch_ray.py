@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import kill_after_rows
 
-from inspector.batch.local import batch_id_for, run_batch
+from inspector.batch.common import batch_id_for
+from inspector.batch.local import run_batch
 from inspector.io import write_image
-from inspector.station.service import Station
+from inspector.station.service import StationService
 from inspector.station.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def station(tmp_path_factory, brick_crops):
-    st = Station(tmp_path_factory.mktemp("ray") / "data", device="cpu")
+    st = StationService(tmp_path_factory.mktemp("ray") / "data", device="cpu")
     st.registry.register("brick", brick_crops(2, 96, seed=0), detector="patchcore", backbone="tiny-cnn",
                          image_size=64, n_synthetic=2)
     return st
@@ -183,7 +184,7 @@ def test_killed_driver_then_rerun_from_the_station_resumes(ray_cluster, station,
     partial = watcher.count(batch_id=bid)
     assert 4 <= partial < len(files) + 1, partial
     # the rerun comes from the station's Batch tab, configured to submit to this Ray cluster
-    from app.station import StationApp
+    from app.shell import StationApp
     from inspector.station.config import StationConfig
 
     cfg = StationConfig.load(env={"INSPECTOR_RAY_ADDRESS": ray_cluster, "INSPECTOR_BATCH_ROOTS": str(tmp_path)})

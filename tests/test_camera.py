@@ -10,7 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from inspector.cameras.sources import Camera, FolderSource, OpenCVSource, make_source, open_camera
+from inspector.cameras.camera import Camera, open_camera
+from inspector.cameras.registry import make_source
+from inspector.cameras.sources import FolderSource, OpenCVSource
 from inspector.io import write_image
 
 

@@ -128,3 +128,81 @@ def test_textile_local_defects_have_estimated_masks(built):
     nominal = read_image(read_mvtec(out["textile"]).train_good[0])
     assert estimate_local_mask(nominal).sum() < 400
     assert used  # the product's local files are listed (and disjoint by construction)
+
+
+# ---------------------------------------------------------------- one MVTec layout, one mask rule
+
+
+def _layout_with_mask(root, suffix: str, values=(0, 255)):
+    """One class: 2 train/good, 1 test/good, 1 test/dent with its mask saved as ``suffix``."""
+    from inspector.io import write_image
+
+    rng = np.random.default_rng(0)
+    img = lambda: rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)  # noqa: E731
+    for rel in ("train/good/000.png", "train/good/001.png", "test/good/000.png", "test/dent/000.png"):
+        write_image(root / rel, img())
+    m = np.full((32, 32), values[0], np.uint8)
+    m[8:16, 8:20] = values[1]
+    (root / "ground_truth" / "dent").mkdir(parents=True)
+    assert cv2.imwrite(str(root / "ground_truth" / "dent" / f"000_mask{suffix}"), m)
+    return m != values[0]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".tif"])
+def test_any_image_suffix_is_a_mask_for_the_reader_and_eval(tmp_path, suffix):
+    from inspector.backbones.base import Preprocess
+    from inspector.eval.data import find_classes, load_test_set
+
+    want = _layout_with_mask(tmp_path / "part", suffix)
+    info = read_mvtec(tmp_path / "part")
+    assert info.masked_types == ["dent"] and info.masks["dent"][0].suffix == suffix
+    [c] = find_classes(tmp_path)  # eval's loader: the same listing, the type counts as masked
+    assert c.masked_types == ["dent"] and c.unmasked_types == [] and c.has_masks
+    ts = load_test_set(c, Preprocess(32, (0.5,) * 3, (0.25,) * 3))
+    assert ts.pixel_known.all()
+    masks = ts.masks((32, 32))
+    np.testing.assert_array_equal(masks[ts.labels == 1][0], want)
+    assert not masks[ts.labels == 0].any()
+
+
+def test_mask_rule_is_one_rule(tmp_path):
+    """``> 0`` (anomalib's rule): 0/255 and 0/1 masks mean the same; the file readers of eval, the
+    diffusion generator's data and the writer all go through it."""
+    from inspector.data import mvtec
+    from inspector.eval import data as eval_data
+    from inspector.synth.diffusion import load_defect_images
+
+    a = np.array([[0, 1, 127, 128, 255]] * 8, np.uint8)
+    np.testing.assert_array_equal(mvtec.binarize_mask(a), a > 0)
+    np.testing.assert_array_equal(mvtec.binarize_mask(np.dstack([a * 0, a * 0, a])), a > 0)  # any channel
+    assert eval_data.read_mask is mvtec.read_mask
+    for values in ((0, 255), (0, 1)):
+        root = tmp_path / f"v{values[1]}"
+        want = _layout_with_mask(root, ".png", values)
+        path = root / "ground_truth" / "dent" / "000_mask.png"
+        np.testing.assert_array_equal(mvtec.read_mask(path), want)
+        (item,), _ = load_defect_images(root)  # MVTec branch
+        np.testing.assert_array_equal(item[1], want)
+        (item,), _ = load_defect_images(root / "test" / "dent", root / "ground_truth" / "dent")  # plain folder
+        np.testing.assert_array_equal(item[1], want)
+        mvtec.write_mask(tmp_path / "w.png", mvtec.read_mask(path))
+        assert set(np.unique(cv2.imread(str(tmp_path / "w.png"), cv2.IMREAD_UNCHANGED))) == {0, 255}
+        np.testing.assert_array_equal(mvtec.read_mask(tmp_path / "w.png"), want)
+    assert mvtec.read_mask(None, (4, 6)).shape == (4, 6) and not mvtec.read_mask(None, (4, 6)).any()
+    np.testing.assert_array_equal(mvtec.read_mask(path, (16, 16)), want[::2, ::2])
+
+
+def test_class_folder_rule(tmp_path):
+    from inspector.data.mvtec import find_class_dirs, is_class_dir
+    from inspector.eval.data import find_classes
+
+    _layout_with_mask(tmp_path / "a", ".png")
+    (tmp_path / "b" / "train" / "good").mkdir(parents=True)  # train/good only: a class
+    (tmp_path / "c" / "train" / "dent").mkdir(parents=True)  # no train/good, no test: not a class
+    (tmp_path / ".hidden" / "test").mkdir(parents=True)
+    assert [d.name for d in find_class_dirs(tmp_path)] == ["a", "b"]
+    assert find_class_dirs(tmp_path / "a") == [tmp_path / "a"]
+    assert not is_class_dir(tmp_path / "c") and not is_class_dir(tmp_path / "a" / "ground_truth")
+    with pytest.raises(FileNotFoundError):
+        read_mvtec(tmp_path / "c")
+    assert [c.name for c in find_classes(tmp_path / "a")] == ["a"]

@@ -14,7 +14,11 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from inspector.data.mvtec import write_mvtec
+from inspector.eval import data as ed
+from inspector.eval import measure as me
+from inspector.eval import metrics as em
 from inspector.eval import runner as ev
+from inspector.eval import tables as et
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,15 +39,15 @@ def test_image_metrics_hand_computed():
     # AUROC: positive/negative pairs ordered right: (0.8>0.4, 0.8>0.1, 0.35>0.1) = 3 of 4
     # AP: precision 1 at recall 1/2, 2/3 at recall 1 -> 0.5*1 + 0.5*2/3
     # F1-max: threshold 0.35 -> P=2/3, R=1 -> F1 = 0.8 (threshold 0.8 gives 2/3)
-    m = ev.image_metrics([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    m = em.image_metrics([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
     assert m["image_auroc"] == pytest.approx(0.75)
     assert m["image_ap"] == pytest.approx(0.5 + 0.5 * 2 / 3)
     assert m["image_f1max"] == pytest.approx(0.8, abs=1e-6)
 
 
 def test_image_metrics_ties_and_perfect():
-    assert ev.image_metrics([0.5, 0.5], [0, 1])["image_auroc"] == pytest.approx(0.5)
-    m = ev.image_metrics([0.0, 0.1, 0.9, 1.0], [0, 0, 1, 1])
+    assert em.image_metrics([0.5, 0.5], [0, 1])["image_auroc"] == pytest.approx(0.5)
+    m = em.image_metrics([0.0, 0.1, 0.9, 1.0], [0, 0, 1, 1])
     assert m["image_auroc"] == 1.0 and m["image_ap"] == pytest.approx(1.0) and m["image_f1max"] == pytest.approx(1.0)
 
 
@@ -53,13 +57,13 @@ def test_large_scores_need_rescaling_before_anomalib_auroc():
     from anomalib.metrics import AUROC
 
     s, y = torch.tensor([20.0, 30.0, 25.0, 40.0]), torch.tensor([0, 1, 0, 1])
-    raw = ev._anomalib(AUROC, s, y)
+    raw = em._anomalib(AUROC, s, y)
     assert raw == pytest.approx(0.5)  # the pitfall, shown
-    assert ev.image_metrics(s, y)["image_auroc"] == pytest.approx(1.0) == roc_auc_score(y, s)
+    assert em.image_metrics(s, y)["image_auroc"] == pytest.approx(1.0) == roc_auc_score(y, s)
 
 
 def test_one_class_labels_give_none():
-    assert ev.image_metrics([0.1, 0.2], [0, 0]) == dict.fromkeys(ev.IMAGE_METRICS)
+    assert em.image_metrics([0.1, 0.2], [0, 0]) == dict.fromkeys(em.IMAGE_METRICS)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -67,7 +71,7 @@ def test_image_metrics_agree_with_sklearn(seed):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, 300)
     s = np.round(rng.normal(size=300) + 0.8 * y, 1) * 7.0 + 3.0  # ties, values far outside [0, 1]
-    m = ev.image_metrics(s, y)
+    m = em.image_metrics(s, y)
     assert m["image_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
     assert m["image_ap"] == pytest.approx(average_precision_score(y, s), abs=1e-6)
     p = np.array([((s >= t) & (y == 1)).sum() / max(1, (s >= t).sum()) for t in np.unique(s)])
@@ -89,20 +93,20 @@ def test_pixel_metrics_hand_computed():
     #   0.5 -> (1/5, 1); then fpr 2/5.. with pro 1. Up to fpr 0.3: area 0.2*0.75 + 0.1*1 = 0.25,
     #   normalised by 0.3 -> 5/6. Up to fpr 1: 0.15 + 0.8 = 0.95.
     # F1-max: threshold 0.5 -> P = 3/4, R = 1 -> 6/7
-    m = ev.pixel_metrics(maps, masks, fpr_limit=0.3)
+    m = em.pixel_metrics(maps, masks, fpr_limit=0.3)
     assert m["pixel_auroc"] == pytest.approx(14 / 15)
     assert m["pixel_aupro"] == pytest.approx(5 / 6, abs=1e-6)
     assert m["pixel_f1max"] == pytest.approx(6 / 7, abs=1e-6)
-    assert ev.pixel_metrics(maps, masks, fpr_limit=1.0)["pixel_aupro"] == pytest.approx(0.95, abs=1e-6)
+    assert em.pixel_metrics(maps, masks, fpr_limit=1.0)["pixel_aupro"] == pytest.approx(0.95, abs=1e-6)
     assert m["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
 
 
 def test_pixel_metrics_scale_invariant_and_degenerate():
     maps, masks = _pixel_case()
-    a = ev.pixel_metrics(maps, masks)
-    b = ev.pixel_metrics(maps * 50 + 10, masks)  # distances, not probabilities
+    a = em.pixel_metrics(maps, masks)
+    b = em.pixel_metrics(maps * 50 + 10, masks)  # distances, not probabilities
     assert a == pytest.approx(b)
-    assert ev.pixel_metrics(maps, np.zeros_like(masks)) == dict.fromkeys(ev.PIXEL_METRICS)
+    assert em.pixel_metrics(maps, np.zeros_like(masks)) == dict.fromkeys(em.PIXEL_METRICS)
 
 
 def test_compute_metrics_uses_only_images_with_known_masks():
@@ -110,9 +114,9 @@ def test_compute_metrics_uses_only_images_with_known_masks():
     # a third, defective image without a mask: its map must not enter the pixel metrics
     maps3 = np.concatenate([maps, np.full((1, 1, 4), 0.0, np.float32)])
     masks3 = np.concatenate([masks, np.zeros((1, 1, 4), bool)])
-    m = ev.compute_metrics([0.9, 0.7, 0.8], [1, 1, 1 - 1], maps3, masks3, pixel_known=[True, True, False])
+    m = em.compute_metrics([0.9, 0.7, 0.8], [1, 1, 1 - 1], maps3, masks3, pixel_known=[True, True, False])
     assert m["pixel_auroc"] == pytest.approx(14 / 15)
-    no_pix = ev.compute_metrics([0.1, 0.9], [0, 1])
+    no_pix = em.compute_metrics([0.1, 0.9], [0, 1])
     assert no_pix["image_auroc"] == 1.0 and no_pix["pixel_auroc"] is None
 
 
@@ -153,26 +157,26 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def test_find_classes_root_and_single(dataset):
-    cs = ev.find_classes(dataset)
+    cs = ed.find_classes(dataset)
     assert [c.name for c in cs] == ["alpha", "beta", "gamma"]
     a, b, g = cs
     assert a.has_masks and not b.has_masks and g.has_masks
     assert g.unmasked_types == ["blur"] and g.masked_types == ["spot"]
     assert a.describe()["test_good"] == 5 and a.describe()["test_defect"] == 5
-    single = ev.find_classes(dataset / "alpha")
+    single = ed.find_classes(dataset / "alpha")
     assert len(single) == 1 and single[0].name == "alpha"
-    assert [c.name for c in ev.find_classes(dataset, ["beta"])] == ["beta"]
+    assert [c.name for c in ed.find_classes(dataset, ["beta"])] == ["beta"]
     with pytest.raises(FileNotFoundError):
-        ev.find_classes(dataset, ["nope"])
+        ed.find_classes(dataset, ["nope"])
     with pytest.raises(FileNotFoundError):
-        ev.find_classes(dataset / "alpha" / "ground_truth")
+        ed.find_classes(dataset / "alpha" / "ground_truth")
 
 
 def test_masks_and_test_set(dataset):
     from inspector.backbones.registry import Preprocess
 
-    g = ev.find_classes(dataset, ["gamma"])[0]
-    ts = ev.load_test_set(g, Preprocess(32, (0.5,) * 3, (0.25,) * 3))
+    g = ed.find_classes(dataset, ["gamma"])[0]
+    ts = ed.load_test_set(g, Preprocess(32, (0.5,) * 3, (0.25,) * 3))
     assert ts.x.shape == (len(ts), 3, 32, 32)
     assert ts.labels.tolist() == [0] * 5 + [1] * 3 + [1] * 5  # good, blur (sorted), spot
     assert ts.pixel_known.tolist() == [True] * 5 + [False] * 3 + [True] * 5
@@ -182,13 +186,13 @@ def test_masks_and_test_set(dataset):
 
 
 def test_draw_shots_seeded():
-    assert ev.draw_shots(10, 4, 0) == ev.draw_shots(10, 4, 0)
-    assert not set(ev.draw_shots(10, 4, 0)) & set(ev.draw_shots(10, 4, 1))  # disjoint across seeds
-    assert len({tuple(ev.draw_shots(16, 1, s)) for s in range(16)}) == 16
-    assert ev.draw_shots(10, 4, 2) != ev.draw_shots(10, 4, 0)  # beyond n // k blocks: a new permutation
-    assert len(set(ev.draw_shots(10, 10, 3))) == 10
+    assert ed.draw_shots(10, 4, 0) == ed.draw_shots(10, 4, 0)
+    assert not set(ed.draw_shots(10, 4, 0)) & set(ed.draw_shots(10, 4, 1))  # disjoint across seeds
+    assert len({tuple(ed.draw_shots(16, 1, s)) for s in range(16)}) == 16
+    assert ed.draw_shots(10, 4, 2) != ed.draw_shots(10, 4, 0)  # beyond n // k blocks: a new permutation
+    assert len(set(ed.draw_shots(10, 10, 3))) == 10
     with pytest.raises(ValueError, match="only 3"):
-        ev.draw_shots(3, 4, 0)
+        ed.draw_shots(3, 4, 0)
 
 
 # ---------------------------------------------------------------------------- stand-in scorer
@@ -210,7 +214,8 @@ class StandIn:
         return self
 
     def score(self, images):
-        from inspector.detectors.base import AnomalyResult, gaussian_blur, top_mean
+        from inspector.detectors.base import AnomalyResult
+        from inspector.detectors.ops import gaussian_blur, top_mean
 
         maps = gaussian_blur((images - self.mean).abs().mean(1), 1.0)
         if self.noise:
@@ -305,12 +310,12 @@ def test_evaluate_protocols_end_to_end(dataset, tmp_path, tiny_cnn):
     assert js["config"]["detectors"] == ["standin", "zs-standin", "noweights", "crashes"]
     assert {c["name"] for c in js["classes"]} == {"alpha", "gamma"}
     assert len(js["runs"]) == len(rep.runs) and js["environment"]["device"] == "cpu"
-    md = ev.markdown_table(summary)
+    md = et.markdown_table(summary)
     assert md.count("\n") == len(summary) + 1 and "prompt checkpoint missing" in md
     from rich.console import Console
 
     console = Console(record=True, width=250)
-    console.print(ev.rich_table(summary))
+    console.print(et.rich_table(summary))
     assert "I-AUROC" in console.export_text()
 
 
@@ -319,7 +324,7 @@ def test_image_only_class_reports_image_metrics(dataset, tiny_cnn):
                         classes=["beta"], plots=False)
     (r,) = ev.evaluate(dataset, cfg).runs
     assert r.status == "ok" and r.metrics["image_auroc"] is not None
-    assert all(r.metrics[k] is None for k in ev.PIXEL_METRICS) and r.n_pixel_images == 0
+    assert all(r.metrics[k] is None for k in em.PIXEL_METRICS) and r.n_pixel_images == 0
 
 
 def test_too_many_shots_is_skipped_not_fatal(dataset, tiny_cnn):
@@ -331,7 +336,7 @@ def test_too_many_shots_is_skipped_not_fatal(dataset, tiny_cnn):
 
 
 def test_peak_memory_sees_an_allocation():
-    with ev.PeakMemory("cpu") as mem:
+    with me.PeakMemory("cpu") as mem:
         x = np.ones(64 * 2**20, np.uint8)  # 64 MB, touched
         x[::4096] = 2
         import time
@@ -343,9 +348,9 @@ def test_peak_memory_sees_an_allocation():
 
 def test_cli_eval(dataset, tmp_path, monkeypatch, tiny_cnn, capsys):
     from inspector.cli.main import main
-    from inspector.detectors import base
+    from inspector.detectors import registry
 
-    monkeypatch.setitem(base.DETECTORS, "standin", f"{__name__}:StandIn")
+    monkeypatch.setitem(registry.DETECTORS, "standin", f"{__name__}:StandIn")
     out_json = tmp_path / "r.json"
     rc = main(["eval", "--data", str(dataset / "alpha"), "--detector", "standin", "--shots", "1",
                "--seeds", "0", "1", "--backbone", "tiny-cnn", "--device", "cpu", "--out", str(tmp_path / "o"),

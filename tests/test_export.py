@@ -18,7 +18,8 @@ from inspector.deploy.export import (
     read_sidecar,
     scoring_module,
 )
-from inspector.deploy.runtime import OnnxRunner, load_runtime
+from inspector.deploy.onnx import OnnxRunner
+from inspector.deploy.runtime import load_runtime
 from inspector.verdict import Thresholds, Verdict
 
 pytestmark = pytest.mark.slow
@@ -204,9 +205,9 @@ def test_cuda_request_without_gpu_build_says_how_to_install(monkeypatch):
 
 def test_product_onnx_runtime_matches_torch_and_cli_export(brick, tmp_path, capsys):
     from inspector.cli.main import main
-    from inspector.station.service import Station
+    from inspector.station.service import StationService
 
-    station = Station(tmp_path / "data")
+    station = StationService(tmp_path / "data")
     shots, tests = crops(brick)
     # tiny-cnn keeps registration (fit + calibration) short; Lite0 parity is covered above.
     prod = station.registry.register("brick", shots, detector="patchcore", backbone="tiny-cnn",

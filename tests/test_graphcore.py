@@ -12,23 +12,25 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from inspector.detectors.base import detector_class
 from inspector.detectors.graphcore.detector import (
     D4,
     AugmentedPatchCore,
     GraphCore,
-    GraphHead,
     PatchCoreKNN,
     d4_apply,
     d4_invert,
     greedy_coreset,
-    grid_neighbors,
-    knn_edge_index,
     nearest_distance,
-    neighbors_to_edge_index,
-    nn_distance,
     symmetry_group,
 )
+from inspector.detectors.graphcore.torch_model import (
+    GraphHead,
+    grid_neighbors,
+    knn_edge_index,
+    neighbors_to_edge_index,
+    nn_distance,
+)
+from inspector.detectors.registry import detector_class
 
 SIZE = 128
 
@@ -156,6 +158,34 @@ def test_protocol_and_registry(lite0):
         GraphCore(lite0).fit(torch.zeros(3, SIZE, SIZE))
     with pytest.raises(ValueError, match="orientation"):
         GraphCore(lite0, orientation="upright")
+
+
+def test_every_registered_detector_declares_capabilities_it_keeps():
+    """One table of detectors (baselines included); each class declares its capabilities, and
+    every capability it declares comes with the methods it promises (callers never probe)."""
+    from inspector.detectors.base import Capabilities, capabilities_of
+    from inspector.detectors.registry import DETECTORS, capabilities
+
+    promises = {"exportable": ("export_module",), "own_backbone": ("load_backbone",),
+                "default_image_size": ("default_image_size",), "shared_pass": ("pass_spec",),
+                "embeds": ("embed", "score_embeddings"), "pretrained": ("from_pretrained",)}
+    for name in DETECTORS:
+        cls = detector_class(name)
+        caps = capabilities(name)
+        assert cls.name == name and isinstance(cls.capabilities, Capabilities) and capabilities_of(cls) is caps
+        for flag, methods in promises.items():
+            if getattr(caps, flag):
+                assert all(callable(getattr(cls, m, None)) for m in methods), (name, flag)
+        if caps.mode == "mutual":
+            assert callable(cls.extract) and callable(cls.score_features)
+        if caps.product:
+            assert callable(cls.state) and callable(cls.from_state)
+    assert capabilities("musc").mode == "mutual" and not capabilities("musc").exportable
+    assert capabilities("anomalyclip").mode == "zero" and capabilities("anomalyclip").needs_clip
+    assert capabilities("graphcore").fit_options >= {"generator", "reuse_head_of"}
+    assert not capabilities("anomalib-patchcore").product and capabilities("anomalib-winclip").own_backbone
+    with pytest.raises(ValueError, match="mode"):
+        Capabilities("few")
 
 
 def test_memory_bank_is_bounded(lite0, shots):

@@ -25,7 +25,8 @@ import pytest
 from conftest import brick_station, random_crop
 from PIL import Image
 
-from inspector.batch.local import iter_files, run_batch
+from inspector.batch.common import iter_files
+from inspector.batch.local import run_batch
 from inspector.io import MAX_PIXELS, ImageError, read_image, write_image
 from inspector.paths import decode_source, encode_source
 from inspector.station.store import Store
@@ -99,7 +100,7 @@ _RSS_PROBE = r"""
 import json, resource, sys
 from pathlib import Path
 from inspector import io as imio
-from inspector.batch import load_file
+from inspector.batch.common import load_file
 import cv2, numpy as np
 path = Path(sys.argv[1])
 before = reset_peak()
@@ -284,7 +285,7 @@ def test_unreadable_entries_get_rows_as_an_unprivileged_user(brick):
         write_image(folder / "closed" / "inner.png", random_crop(brick, np.random.default_rng(4)))
         (folder / "closed").chmod(0)
         folder.chmod(0o755)
-        script = ("import json, sys; from pathlib import Path; from inspector.batch.local import iter_files, load_file; "
+        script = ("import json, sys; from pathlib import Path; from inspector.batch.common import iter_files, load_file; "
                   "f = Path(sys.argv[1]); print(json.dumps({p.name: load_file(p).error for p in iter_files(f)}))")
         cmd = [sys.executable, "-c", script, str(folder)]
         if os.geteuid() == 0:
@@ -366,9 +367,9 @@ def test_bombs_in_a_batch_cost_no_memory(station, tmp_path, brick):
     write_image(good / "good.png", random_crop(brick, np.random.default_rng(8)))
     script = r"""
 import resource, sys
-from inspector.service import Station
-from inspector.store import Store
-st = Station(sys.argv[1], device="cpu")
+from inspector.station.service import StationService
+from inspector.station.store import Store
+st = StationService(sys.argv[1], device="cpu")
 peaks = []
 for folder in sys.argv[2:]:
     st.batch(folder, "brick", progress=False, workers=4)
@@ -397,7 +398,7 @@ def served(station, tmp_path_factory):
     """The station served on a free port with login; ``allowed`` is its one allowed root."""
     from conftest import free_port
 
-    from app.station import StationApp
+    from app.shell import StationApp
     from inspector.station.auth import hash_password
     from inspector.station.config import StationConfig
 
@@ -607,7 +608,7 @@ def test_tiny_images_are_refused_not_scored(station, tmp_path):
 
 
 def test_product_names_match_the_whole_string(station):
-    from app.station import _NAME_RE
+    from inspector.paths import NAME_RE as _NAME_RE
 
     for bad in ("brick\n", "brick\n../x", "-brick", "a" * 65, "brick/x"):
         with pytest.raises(ValueError, match="invalid product name"):

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from _line_fakecam import fake_camera
 
-from inspector.cameras.sources import Camera, FrameError, SourceLost, make_source
+from inspector.cameras.base import FrameError, SourceLost
+from inspector.cameras.camera import Camera
+from inspector.cameras.registry import make_source
 
 CAMERA_TIMEOUT = pytest.mark.timeout(120)  # a hang in the camera stack fails the test, not the suite
 

@@ -9,7 +9,7 @@ import pytest
 from _line_fakecam import fake_camera
 from _line_station import make_station
 
-from inspector.cameras.sources import Camera
+from inspector.cameras.camera import Camera
 from inspector.line.pipeline import LinePipeline, VerdictLog, latency_stats
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
@@ -138,7 +138,7 @@ def test_trigger_without_camera_is_a_dropped_part(station):
 
 
 def test_switch_product(station):
-    from inspector.products.registry import ProductNotFound
+    from inspector.products.product import ProductNotFound
 
     pipe = LinePipeline(station, "pa", Camera(_NoCamera()))
     assert pipe.set_product("pb") == "pb" and pipe.product == "pb"
@@ -152,7 +152,7 @@ class _NoCamera:
     label = short = "none"
 
     def open(self):
-        from inspector.cameras.sources import SourceLost
+        from inspector.cameras.base import SourceLost
 
         raise SourceLost("none")
 

@@ -14,7 +14,8 @@ from _line_fakecam import fake_camera
 from _line_station import make_station
 
 from inspector.line.config import LineConfig
-from inspector.station.config import ConfigError, StationConfig, hash_password
+from inspector.station.auth import hash_password
+from inspector.station.config import ConfigError, StationConfig
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -153,7 +154,7 @@ def test_serve_starts_a_free_run_line_from_config(tmp_path):
     from PIL import Image
     from skimage import data
 
-    from inspector.cli.commands.serve import _start_line
+    from app.serve import _start_line
 
     station = make_station(tmp_path, names=("pa",))
     frames = tmp_path / "frames"

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from inspector.detectors.musc.detector import (
-    MuSc,
+from inspector.detectors.musc.budget import msm_flops
+from inspector.detectors.musc.detector import MuSc
+from inspector.detectors.musc.torch_model import (
     interval_bounds,
     lnamd,
     mmo,
     msm,
-    msm_flops,
     position_compensate,
     rscin,
 )

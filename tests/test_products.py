@@ -15,8 +15,9 @@ from conftest import random_crops
 
 from inspector.io import write_image
 from inspector.products import registry as products_mod
-from inspector.products.registry import N_VIEWS, ProductExists, ProductNotFound, RuntimeUnavailable
-from inspector.station.service import Station
+from inspector.products.calibration import N_VIEWS
+from inspector.products.product import ProductExists, ProductNotFound, RuntimeUnavailable
+from inspector.station.service import StationService
 from inspector.verdict import Thresholds, Verdict, calibrate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def station(tmp_path_factory):
-    return Station(tmp_path_factory.mktemp("products") / "data", device="cpu")
+    return StationService(tmp_path_factory.mktemp("products") / "data", device="cpu")
 
 
 def test_register_then_new_process_gives_the_same_score(station, brick, tmp_path):

@@ -1,5 +1,5 @@
 """The station's API through gradio_client: 8 parallel inspect calls are all answered, with the
-same scores as the library's ``Station.inspect``; operator decisions reach the store; config
+same scores as the library's ``StationService.inspect``; operator decisions reach the store; config
 safety (auth, allowed batch roots, zip limits) is enforced by the app."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 from conftest import free_port, random_crops
 
 from inspector.io import write_image
-from inspector.station.config import StationConfig, check_password, hash_password
+from inspector.station.auth import check_password, hash_password
+from inspector.station.config import StationConfig
 
 PRODUCT = "brick-api"
 
@@ -19,11 +20,11 @@ PRODUCT = "brick-api"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, brick):
     """A station (tiny-cnn product) served in this process on a free port."""
-    from app.station import StationApp
-    from inspector.station.service import Station
+    from app.shell import StationApp
+    from inspector.station.service import StationService
 
     tmp = tmp_path_factory.mktemp("station-api")
-    station = Station(tmp / "data")
+    station = StationService(tmp / "data")
     station.registry.register(PRODUCT, random_crops(brick, 2), detector="graphcore", backbone="tiny-cnn",
                               actor="test", n_synthetic=4)
     images = []

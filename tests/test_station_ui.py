@@ -21,12 +21,12 @@ PRODUCT = "brick-ui"
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, brick):
-    from app.station import StationApp
+    from app.shell import StationApp
     from inspector.station.config import StationConfig
-    from inspector.station.service import Station
+    from inspector.station.service import StationService
 
     tmp = tmp_path_factory.mktemp("station-ui")
-    station = Station(tmp / "data")
+    station = StationService(tmp / "data")
     stages = []
     station.registry.register(PRODUCT, random_crops(brick, 2), detector="graphcore", backbone="tiny-cnn",
                               actor="test", n_synthetic=4, progress=lambda *a: stages.append(a))
@@ -39,7 +39,7 @@ def app(tmp_path_factory, brick):
 
 
 def test_registration_reports_every_stage_in_order(app):
-    from app.station import StageProgress
+    from inspector.products.progress import StageProgress
 
     stages = app.registration_stages
     folds = [(d, t) for s, d, t in stages if s == "held-out scoring"]

@@ -345,7 +345,7 @@ def test_fallback_severity_sets_size_and_contrast(images):
 def test_severity_monotone_in_detector_score(lite0, brick_crops):
     """On a fixed product (GraphCore on 4 brick shots), weight-free defects of higher severity get
     higher mean scores: the severity axis is an axis of difficulty for the detector."""
-    from inspector.detectors.base import detector_class
+    from inspector.detectors.registry import detector_class
 
     crops = brick_crops(12, 128, seed=3)
     det = detector_class("graphcore")(lite0).fit(lite0.preprocess(crops[:4]))
@@ -608,7 +608,7 @@ def test_product_calibrated_with_generator_records_it(tmp_path, disc_gen, tiny_c
 def test_registration_passes_generator_to_a_fit_that_takes_one(tmp_path, tiny_cnn, images):
     """A detector whose ``fit`` accepts ``generator`` receives the registration's generator (and
     trains on its defects); one whose ``fit`` does not is fitted as before."""
-    from inspector.detectors.base import detector_class
+    from inspector.detectors.registry import detector_class
     from inspector.products.registry import _fit
 
     base = detector_class("patchcore")

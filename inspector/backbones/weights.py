@@ -25,7 +25,6 @@ key count, sha256); the CLI maps it to exit code 3.
 from __future__ import annotations
 
 import ast
-import hashlib
 import io
 import json
 import pickle
@@ -39,6 +38,8 @@ import torch
 from torch import Tensor
 
 from inspector.backbones.base import MissingWeightsError
+from inspector.backbones.configs import CLIP_FILE
+from inspector.state import file_sha256
 
 # Architectures whose only public weights are OpenAI's (trained with QuickGELU).
 OPENAI_ARCHS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336")
@@ -54,14 +55,6 @@ class WeightsError(MissingWeightsError):
     A subclass of :class:`MissingWeightsError` on purpose: in both cases usable weights are
     missing, and the CLI answers both with exit code 3.
     """
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +383,7 @@ def update_manifest(models_dir: Path, entry: dict) -> None:
 
 
 def clip_safetensors(models_dir: Path, arch: str) -> Path:
-    return Path(models_dir) / "clip" / f"{arch}.safetensors"
+    return Path(models_dir) / CLIP_FILE.format(arch=arch)
 
 
 def import_clip(src: str | Path, arch: str, models_dir: Path, quick_gelu: bool | None = None) -> dict:
@@ -398,16 +391,14 @@ def import_clip(src: str | Path, arch: str, models_dir: Path, quick_gelu: bool |
 
     Returns the manifest entry written. Raises :class:`WeightsError` for a wrong or broken file.
     """
-    from safetensors.torch import save
-
-    from inspector.state import atomic_write_bytes
+    from inspector.state import atomic_write_bytes, safetensors_bytes
 
     src = Path(src)
     if not src.is_file():
         raise MissingWeightsError(f"{src}: no such file")
     a = clip_arch(arch, quick_gelu)
     want = a.expected()
-    sha = sha256_file(src)
+    sha = file_sha256(src)
     try:
         sd, fmt = read_weights(src)
     except WeightsError:
@@ -420,10 +411,10 @@ def import_clip(src: str | Path, arch: str, models_dir: Path, quick_gelu: bool |
     check_state_dict(sd, a, src, sha)
     out = clip_safetensors(models_dir, arch)
     meta = {"arch": arch, "quick_gelu": str(a.quick_gelu), "source_sha256": sha, "source_format": fmt}
-    atomic_write_bytes(out, save({k: v.contiguous() for k, v in sd.items()}, metadata=meta))
+    atomic_write_bytes(out, safetensors_bytes(sd, meta))
     entry = {
         "name": f"clip/{arch}", "file": str(out.relative_to(models_dir)) if out.is_relative_to(models_dir) else str(out),
-        "sha256": sha256_file(out), "tensors": len(sd), "quick_gelu": a.quick_gelu,
+        "sha256": file_sha256(out), "tensors": len(sd), "quick_gelu": a.quick_gelu,
         "imported_from": src.name, "source_sha256": sha, "source_format": fmt,
         "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -454,7 +445,7 @@ def load_clip_model(arch: str, models_dir: Path, *, verify: bool = True):
         raise WeightsError(f"{path}: no sha256 for clip/{arch} in {manifest_path(models_dir)}; "
                            f"re-import it with `inspector weights import FILE --as clip/{arch}`")
     if verify:
-        sha = sha256_file(path)
+        sha = file_sha256(path)
         if sha != entry["sha256"]:
             raise WeightsError(f"{path}: sha256 {sha} does not match the manifest ({entry['sha256']}); "
                                f"the file changed since it was imported: re-import it")
@@ -479,5 +470,4 @@ __all__ = [
     "read_manifest",
     "read_torchscript",
     "read_weights",
-    "sha256_file",
 ]

@@ -16,9 +16,11 @@ so memory stays bounded whatever the number of files)::
   resize it to the model's input size (the same ``Preprocess.resize`` as every other path) plus a
   display copy for its heatmap. A bad file becomes an error row here, like the local engine's.
 * **Scoring actors** (``workers`` of them; ``gpus_per_worker`` GPUs each when the cluster has GPUs)
-  load the product's model once, score each mini-batch with :func:`inspector.batch.local.score_items`
+  open the product registry and the store themselves (the registry under the data directory, the
+  store at the driver's URL, with the driver's store class: this module knows no station), load
+  the product's model once, score each mini-batch with :func:`inspector.batch.common.score_items`
   (the local engine's scoring step, hence identical scores), write the heatmap PNGs, then upsert
-  the mini-batch's rows in one transaction (:meth:`inspector.station.store.Store.upsert_batch_results`).
+  the mini-batch's rows in one transaction (the store's ``upsert_batch_results``).
 * **Exactly once.** A result is keyed by (batch id, path, sha256) and written by an idempotent
   upsert after its heatmap exists. A killed actor is restarted by Ray and its mini-batch retried:
   rows it had already committed are not written twice. A killed driver loses nothing committed;
@@ -41,7 +43,6 @@ subset on one worker and stays on the local engine for now (clear error here).
 from __future__ import annotations
 
 import glob as globmod
-import hashlib
 import os
 import threading
 import time
@@ -51,17 +52,22 @@ from pathlib import Path
 import numpy as np
 
 from inspector import io as imio
-from inspector.batch.local import (
-    HEATMAP_MODES,
+from inspector.batch.common import (
+    BatchProgress,
     BatchSummary,
-    _Loaded,
-    _Progress,
+    Loaded,
     batch_id_for,
-    display_copy,
+    check_heatmaps,
+    decode_file,
+    error_row,
+    heatmap_dir,
     iter_files,
     load_file,
-    result_row,
+    report_dir,
     score_items,
+    scored_rows,
+    settle_heatmaps,
+    summarize,
 )
 from inspector.eval.measure import peak_rss_mib
 from inspector.paths import decode_source, encode_source
@@ -154,7 +160,7 @@ def _drop_done(batch, done):
 # ----------------------------------------------------------------------------------------------
 # Decode tasks
 # ----------------------------------------------------------------------------------------------
-def _load_uri(uri: str, max_pixels, resize) -> _Loaded:
+def _load_uri(uri: str, max_pixels, resize) -> Loaded:
     """``load_file`` for a non-local URI (read through pyarrow's filesystems)."""
     import pyarrow.fs as pafs
 
@@ -162,19 +168,12 @@ def _load_uri(uri: str, max_pixels, resize) -> _Loaded:
         fs, p = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(p)
         if info.size is not None and info.size > imio.MAX_BYTES:
-            return _Loaded(Path(p), None, None, f"file too large ({info.size} bytes > {imio.MAX_BYTES})")
+            return Loaded(Path(p), None, None, f"file too large ({info.size} bytes > {imio.MAX_BYTES})")
         with fs.open_input_stream(p) as f:
             data = f.read()
     except Exception as exc:
-        return _Loaded(Path(uri), None, None, f"unreadable: {exc}")
-    sha = hashlib.sha256(data).hexdigest()
-    try:
-        rgb = imio.read_image(data, max_pixels=max_pixels, name=uri)
-    except imio.ImageError as exc:
-        return _Loaded(Path(uri), sha, None, exc.reason)
-    except Exception as exc:
-        return _Loaded(Path(uri), sha, None, f"unreadable image ({type(exc).__name__}: {exc})")
-    return _Loaded(Path(uri), sha, resize(rgb), None, display_copy(rgb))
+        return Loaded(Path(uri), None, None, f"unreadable: {exc}")
+    return decode_file(Path(uri), data, uri, max_pixels, resize)
 
 
 def decode_batch(batch: dict, size: int, max_pixels: int | None, views: bool, roots: tuple[str, ...] | None = None
@@ -223,46 +222,42 @@ class Scorer:
     """Ray Data actor: one product model per actor, loaded once; see the module docstring."""
 
     def __init__(self, data_dir: str, store_url: str, product: str, version: str, runtime: str, device: str,
-                 batch_id: str, root: str, heatmaps: str, threads: int = 0):
+                 batch_id: str, root: str, heatmaps: str, threads: int = 0, *, store_cls: type):
+        """``store_cls``: the driver's store class, opened here at ``store_url`` (the same database);
+        the registry is ``<data_dir>/products`` with that store, as the station's."""
         import socket
 
         import torch
 
-        from inspector.station.service import Station
+        from inspector.products.registry import ProductRegistry
 
         if threads:
             torch.set_num_threads(threads)
-        self.station = Station(data_dir, device=device, store_url=store_url)
-        self.prod = self.station.registry.get(product)
+        self.store = store_cls(store_url)
+        self.registry = ProductRegistry(Path(data_dir) / "products", store=self.store, device=device)
+        self.prod = self.registry.get(product)
         if self.prod.version != version:
             raise RayUnavailable(f"product {product} changed during the batch ({version} -> {self.prod.version})")
-        self.station.registry.runtime(self.prod, runtime)  # the model, loaded once per actor
+        self.registry.runtime(self.prod, runtime)  # the model, loaded once per actor
         self.runtime, self.batch_id, self.root, self.heatmaps = runtime, batch_id, Path(root), heatmaps
-        self.hm_dir = Path(data_dir) / "heatmaps" / "batches" / batch_id
+        self.hm_dir = heatmap_dir(data_dir, batch_id)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
-        from inspector.products.heatmap import save_heatmap
-
-        items = [_Loaded(Path(decode_source(str(p))), sha or None, img if not err else None, err or None, view)
+        items = [Loaded(Path(decode_source(str(p))), sha or None, img if not err else None, err or None, view)
                  for p, sha, err, img, view in zip(batch["path"], batch["sha256"], batch["error"], batch["image"],
                                                     batch["view"])]
         prod = self.prod
         good = [it for it in items if it.error is None]
-        scored = score_items(self.station.registry, prod, good, self.runtime) if good else []
+        scored = score_items(self.registry, prod, good, self.runtime) if good else []
         ok = {id(sc.item) for sc in scored}
-        rows = [dict(product=prod.name, source=decode_source(str(p)), image_sha256=it.sha256, score=None,
-                     verdict=ERROR, model_version=prod.version, batch_id=self.batch_id, error=it.error)
+        rows = [error_row(prod.name, prod.version, decode_source(str(p)), it.error, image_sha256=it.sha256,
+                          batch_id=self.batch_id)
                 for p, it in zip(batch["path"], items) if id(it) not in ok]
-        for sc in scored:
-            row, hp = result_row(prod, self.batch_id, sc, self.heatmaps, self.hm_dir, self.root)
-            if hp is not None:
-                try:
-                    save_heatmap(hp, sc.item.view, sc.map, prod.thresholds, prod.map_low, peak=sc.score)
-                except Exception:  # e.g. disk full: the row without its picture, as the local engine
-                    row["heatmap_path"] = None
-            rows.append(row)
-        self.station.store.upsert_batch_results(rows)  # commit point: after the heatmaps exist
+        good_rows, futs = scored_rows(prod, self.batch_id, scored, self.heatmaps, self.hm_dir, self.root)
+        settle_heatmaps(good_rows, futs)  # written here, in the actor
+        rows += good_rows
+        self.store.upsert_batch_results(rows)  # commit point: after the heatmaps exist
         return results_table(rows, self.worker, peak_rss_mib(), encode=True)
 
 
@@ -340,7 +335,7 @@ def _fill_results(rows: list[dict], results_dir: Path, run_id: str) -> int:
 class _StorePoller:
     """Advances the progress bar from the store's row count (what is committed is what is done)."""
 
-    def __init__(self, store, batch_id: str, bar: _Progress, start: int, start_errors: int, every: float = 0.5):
+    def __init__(self, store, batch_id: str, bar: BatchProgress, start: int, start_errors: int, every: float = 0.5):
         self.store, self.batch_id, self.bar, self.every = store, batch_id, bar, every
         self.n, self.err = start, start_errors
         self._stop = threading.Event()
@@ -382,8 +377,7 @@ def run_batch_ray(source: str | os.PathLike, product, registry, store, out_dir: 
 
     t_start = time.perf_counter()
     prod = registry.get(product) if isinstance(product, str) else product
-    if heatmaps not in HEATMAP_MODES:
-        raise ValueError(f"heatmaps must be one of {HEATMAP_MODES}, got {heatmaps!r}")
+    check_heatmaps(heatmaps)
     if registry.runtime(prod, runtime).mode == "mutual":  # loads here: unknown runtime, missing weights fail early
         raise RayUnavailable(f"{prod.name} is a {prod.detector} product: it scores a folder as a mutual set, "
                              "which runs on the local engine (--engine local)")
@@ -399,10 +393,8 @@ def run_batch_ray(source: str | os.PathLike, product, registry, store, out_dir: 
     if not (is_manifest(src) or is_glob(src)) and not Path(src).is_dir():
         raise FileNotFoundError(f"batch source not found: {src} (a folder, a glob or a .csv/.parquet manifest)")
     key = str(Path(src).resolve()) if not is_glob(src) else os.path.abspath(os.path.expanduser(src))
-    batch_id = batch_id_for(key, prod.name, prod.version)
-    if not resume:
-        batch_id = f"{batch_id}-{uuid.uuid4().hex[:8]}"
-    out = Path(out_dir) if out_dir else data_dir / "batches" / batch_id
+    batch_id = batch_id_for(key, prod.name, prod.version, resume=resume)
+    out = report_dir(data_dir, batch_id, out_dir)
     root, _, files = read_file_list(src, exclude=(out, data_dir))
     files = files.materialize()
     n_files = files.count()
@@ -420,7 +412,7 @@ def run_batch_ray(source: str | os.PathLike, product, registry, store, out_dir: 
     results_dir = out / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    bar = _Progress(n_files, n_skipped, progress, f"{prod.name} {Path(key).name} (ray x{n_workers})", on_progress)
+    bar = BatchProgress(n_files, n_skipped, progress, f"{prod.name} {Path(key).name} (ray x{n_workers})", on_progress)
     poller = _StorePoller(store, batch_id, bar, n_before, err_before)
     try:
         if n_todo:
@@ -433,28 +425,16 @@ def run_batch_ray(source: str | os.PathLike, product, registry, store, out_dir: 
                                    fn_constructor_kwargs=dict(
                                        data_dir=str(Path(data_dir).resolve()), store_url=store.url, product=prod.name,
                                        version=prod.version, runtime=runtime, device=device, batch_id=batch_id,
-                                       root=str(root), heatmaps=heatmaps, threads=max(1, int(cpus)))))
+                                       root=str(root), heatmaps=heatmaps, threads=max(1, int(cpus)),
+                                       store_cls=type(store))))
             _write_parquet(scored, results_dir, f"run-{run_id}")
     finally:
         poller.stop()
         bar.close()
     rows = store.history(batch_id=batch_id, limit=None)
     _fill_results(rows, results_dir, run_id)
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
-    elapsed = time.perf_counter() - t_start
-    n_new = len(rows) - n_before
-    summary = BatchSummary(
-        batch_id=batch_id, folder=str(root), product=prod.name, version=prod.version, out_dir=str(out),
-        n_files=n_files, n_scored=sum(v for k, v in counts.items() if k != ERROR), n_errors=counts.get(ERROR, 0),
-        n_skipped=n_skipped, n_new=n_new, counts=counts, elapsed_s=round(elapsed, 3),
-        images_per_s=round(n_new / elapsed, 2) if elapsed > 0 else 0.0)
-    if report:
-        from inspector.batch.report import write_reports
-
-        summary.csv_path, summary.html_path = (str(p) for p in write_reports(rows, out, summary, prod))
-    return summary
+    return summarize(rows, prod, batch_id=batch_id, folder=root, out=out, n_files=n_files, n_skipped=n_skipped,
+                     n_new=len(rows) - n_before, t_start=t_start, report=report)
 
 
 __all__ = ["RESULT_COLUMNS", "RayUnavailable", "Scorer", "connect", "decode_batch", "read_file_list",

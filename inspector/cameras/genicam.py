@@ -14,8 +14,8 @@ vendor SDK. It is an optional extra (``scripts/install_line.sh``): without it, o
 Every frame carries the camera's frame id and device timestamp (:attr:`GenICamSource.last_meta`;
 the frame name is ``frame<ID>@<TIMESTAMP_NS>``), so inspection records point at the exact buffer.
 A camera that disappears (unplugged, powered off, process killed) makes :meth:`read` raise
-:class:`~inspector.cameras.sources.SourceLost`; :class:`~inspector.cameras.sources.Camera` then reopens it with
-back-off until it is back.
+:class:`~inspector.cameras.base.SourceLost`; :class:`~inspector.cameras.camera.Camera` then reopens it with
+back-off until it is back. Opened through :mod:`inspector.cameras.registry` (scheme ``genicam``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import cv2
 import numpy as np
 
-from inspector.cameras.sources import CameraError, FrameError, FrameSource, SourceLost
+from inspector.cameras.base import CameraError, FrameError, FrameSource, SourceLost
 
 SCHEME = "genicam://"
 TRIGGER_MODES = ("free-run", "software", "hardware")

@@ -14,21 +14,22 @@ file's sha256. The runner (:mod:`inspector.deploy.runtime`) rebuilds the very sa
 What is exported:
 
 * ``graphcore`` / ``patchcore`` / ``patchcore-aug``: the detector's own
-  :class:`~inspector.detectors.graphcore.detector.GraphCoreScorer` (what its ``score`` runs): backbone,
+  :class:`~inspector.detectors.graphcore.torch_model.GraphCoreScorer` (what its ``score`` runs): backbone,
   memory-bank distance (bank as a constant, min over the bank in chunks), the trained graph head
   (torch_geometric EdgeConv/SAGEConv with mean aggregation -> ScatterElements), the global branch,
   patch->pixel upsampling, Gaussian blur (as convolutions) and image score.
-* ``anomalyclip``: backbone + prompt-text similarity, with the two text embeddings folded in as
-  constants (the text encoder is not part of the graph).
+* ``anomalyclip``: :class:`~inspector.detectors.anomalyclip.torch_model.AnomalyCLIPGraph`, backbone +
+  the same scoring as its ``score`` (:func:`~inspector.detectors.anomalyclip.torch_model.score_visual`),
+  with the two text embeddings folded in as constants (the text encoder is not part of the graph).
 * ``musc``: not exportable. MuSc scores each image against the other images of its batch, so a
   per-image graph cannot express it; :class:`NotExportableError` says so (the backbone alone can
   still be exported with ``inspector export --backbone``).
 
-Detectors own their scoring: a detector may provide ``export_module() -> nn.Module`` (images ->
-``(maps, scores)``) built from its own tensors and its own torch code; that is always preferred.
-Otherwise an adapter here wraps the fitted detector's own state and functions, rewriting only
-what does not trace (batch-chunk loops, torch_geometric's scatter-max) as the same
-arithmetic; an adapter refuses a detector configuration option it does not know.
+Detectors own their scoring: a detector that declares ``capabilities.exportable`` provides
+``export_module() -> nn.Module`` (images -> ``(maps, scores)``), the module of its ``torch_model``
+that its ``score`` runs, so there is one statement of each scoring formula. A detector from
+elsewhere can be made exportable without changing it by :func:`register_adapter` (a builder from
+the fitted detector to such a module, wrapping its own state and functions).
 
 The exporter uses the legacy TorchScript-based ``torch.onnx.export(..., dynamo=False)`` with an
 explicit opset: it handles the shape arithmetic of TF-"SAME" padding and the unrolled chunk
@@ -56,6 +57,8 @@ import torch
 from torch import Tensor, nn
 
 from inspector.backbones.registry import PatchBackbone, Preprocess, load_backbone
+from inspector.detectors.base import capabilities_of
+from inspector.detectors.registry import DETECTORS, capabilities, detector_class
 from inspector.state import file_sha256
 
 #: ONNX opset used for every export (onnxruntime >= 1.16 runs it; Gelu/LayerNorm fuse at 17).
@@ -131,9 +134,8 @@ class BackboneGraph(nn.Module):
         return tuple(feats[k].float() for k in self.layers)
 
 
-# Detector name -> builder(detector) -> nn.Module(images) -> (maps, scores). Detectors that define
-# ``export_module()`` need no entry here; these adapters only wrap a detector's own tensors and
-# torch functions where it does not.
+# Detector name -> builder(detector) -> nn.Module(images) -> (maps, scores), for detectors that do
+# not declare ``capabilities.exportable`` (none of this package's: they export their torch_model).
 _ADAPTERS: dict[str, Callable[[Any], nn.Module]] = {}
 
 
@@ -147,28 +149,29 @@ def register_adapter(*names: str):
 
 
 def _detector_name(detector) -> str:
-    return str(getattr(detector, "name", type(detector).__name__)).lower()
+    return str(detector.name).lower()
 
 
 def scoring_module(detector) -> nn.Module:
     """The detector's scoring as one traceable module: images ``[B,3,S,S]`` -> ``(maps, scores)``.
 
-    Raises :class:`NotExportableError` for batch-wise detectors (MuSc) and unknown ones.
+    Raises :class:`NotExportableError` for batch-wise detectors (MuSc), unfitted ones and ones
+    neither exportable nor adapted.
     """
     name = _detector_name(detector)
-    if getattr(detector, "batchwise", False) or name == "musc":
-        backbone = getattr(getattr(detector, "backbone", None), "name", "<backbone>")
-        raise NotExportableError(_batchwise_message(name, backbone))
-    if getattr(detector, "needs_fit", False) and not getattr(detector, "is_fitted", True):
-        raise NotExportableError(f"detector {name!r} is not fitted; fit it (register the product) before export")
-    build = getattr(detector, "export_module", None)
-    if callable(build):
-        return build()
+    caps = capabilities_of(detector)
+    if caps.batchwise:
+        raise NotExportableError(_batchwise_message(name, detector.backbone.name))
+    if caps.exportable:
+        if caps.needs_fit and not detector.is_fitted:
+            raise NotExportableError(f"detector {name!r} is not fitted; fit it (register the product) before export")
+        return detector.export_module()
     if name in _ADAPTERS:
         return _ADAPTERS[name](detector)
+    exportable = sorted(n for n in DETECTORS if capabilities(n).exportable) + sorted(_ADAPTERS)
     raise NotExportableError(
-        f"detector {name!r} has no ONNX export (no export_module() and no adapter); "
-        f"exportable: {', '.join(sorted(_ADAPTERS)) or 'none'}"
+        f"detector {name!r} has no ONNX export (not declared exportable and no adapter); "
+        f"exportable: {', '.join(exportable) or 'none'}"
     )
 
 
@@ -433,9 +436,7 @@ def _thresholds_dict(thresholds) -> dict[str, float] | None:
 
 def export_product(product, out: str | os.PathLike, **kwargs) -> ExportResult:
     """Export a registered :class:`~inspector.products.registry.Product` (its fitted detector + thresholds)."""
-    from inspector.detectors.base import detector_class
-
-    if getattr(detector_class(product.detector), "batchwise", False):
+    if capabilities(product.detector).batchwise:
         # The clear "not exportable" error before loading anything (the class is enough).
         raise NotExportableError(_batchwise_message(product.detector, product.backbone))
     detector = _load_product_detector(product)
@@ -452,7 +453,6 @@ def _load_product_detector(product, device: str = "cpu"):
     On the CPU the export-time parity check compares fp32 with fp32, at the strict tolerance.
     """
     from inspector.backbones.registry import load_backbone as _load_backbone
-    from inspector.detectors.base import detector_class
     from inspector.state import load_state
 
     stem = Path(product.path) / f"state-{product.model_hash}" if getattr(product, "path", None) else None
@@ -472,45 +472,6 @@ def read_sidecar(onnx_path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{side}: not an {FORMAT} v{FORMAT_VERSION} sidecar")
     return data
 
-
-# -- adapters for detectors without export_module() ----------------------------------------------
-#
-# These wrap a fitted detector's own state and its own functions where those trace as they are.
-# GraphCore / PatchCore need none: they provide ``export_module()`` (the very module their
-# ``score`` runs). The parity check at export time and tests/test_export.py hold the paths together.
-
-
-class AnomalyCLIPGraph(nn.Module):
-    """AnomalyCLIP scoring with the two prompt-text embeddings folded in as a constant ``[2,E]``.
-
-    The image side runs the detector's own shared backbone pass (:func:`~inspector.detectors.anomalyclip.detector.run_visual`,
-    DPAM V-V path included), its own ``probabilities`` and ``anomaly_outputs``; the text encoder is not in the graph.
-    """
-
-    def __init__(self, detector):
-        super().__init__()
-        self.backbone = detector.backbone
-        self.config = copy.deepcopy(detector.config)
-        with torch.no_grad():
-            text = detector.text_features().detach().float()
-        self.register_buffer("text", text, persistent=False)
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        from inspector.detectors.anomalyclip.detector import AnomalyCLIP, anomaly_outputs, run_visual
-
-        cfg = self.config
-        size = (int(images.shape[-2]), int(images.shape[-1]))
-        out = run_visual(self.backbone, cfg, images)
-        g = nn.functional.normalize(out.global_embedding.float(), dim=-1)
-        patches = [nn.functional.normalize(p.float(), dim=-1) for p in out.patch_tokens]
-        # The detector's own probabilities(): it reads only ``self.config``.
-        logits, maps = AnomalyCLIP.probabilities(self, g, patches, out.grid, self.text, size)
-        return anomaly_outputs(cfg, logits, maps)
-
-
-@register_adapter("anomalyclip")
-def _anomalyclip_adapter(detector) -> nn.Module:
-    return AnomalyCLIPGraph(detector)
 
 __all__ = [
     "BackboneGraph",

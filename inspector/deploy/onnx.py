@@ -3,12 +3,12 @@
 ``OnnxRunner(path)`` reads ``path`` (``.onnx``) and its JSON sidecar, checks the file's sha256,
 and opens an onnxruntime session on CUDA (``CUDAExecutionProvider``) when onnxruntime-gpu and a
 GPU are present, on the CPU otherwise. Images go through the same
-:class:`~inspector.backbones.registry.Preprocess` class as the torch path, rebuilt from the sidecar, so
+:class:`~inspector.backbones.base.Preprocess` class as the torch path, rebuilt from the sidecar, so
 resizing and normalisation cannot drift between the two.
 
 A detector graph gives ``score(images) -> AnomalyResult`` and ``inspect(images) ->
 list[Inspection]`` (verdicts from the sidecar's thresholds, maps at each image's original size),
-like :class:`~inspector.products.registry.Product`; a backbone graph gives ``features(images)``.
+like :class:`~inspector.products.product.Product`; a backbone graph gives ``features(images)``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inspector.backbones.registry import Preprocess
+from inspector.backbones.base import Preprocess
 from inspector.deploy.export import read_sidecar
 from inspector.inspection import as_rgb8_list, inspections_from
 from inspector.state import file_sha256

@@ -2,11 +2,13 @@
 
 ``load_runtime(target, runtime="onnx")`` returns
 
-* for an ``.onnx`` path: an :class:`OnnxRunner` on it;
-* for a :class:`~inspector.products.registry.Product` (or a product name with ``registry=``): with
+* for an ``.onnx`` path: an :class:`~inspector.deploy.onnx.OnnxRunner` on it;
+* for a :class:`~inspector.products.product.Product` (or a product name with ``registry=``): with
   ``runtime="torch"`` the product itself; with ``runtime="onnx"`` a runner on the product's
   exported graph, exporting it on first use into the product's folder (``model.onnx`` +
-  ``model.json``) and re-exporting when the product's version changed (refit, new shots).
+  ``model.json``) and re-exporting when the fitted model changed (refit, new shots) or the graph
+  was written by another inspector version. A threshold change needs no re-export: the runner
+  takes the product's current thresholds.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from inspector import __version__
-from inspector.deploy.onnx import OnnxRunner, available_providers, select_providers
+from inspector.deploy.onnx import OnnxRunner
 
 RUNTIMES = ("torch", "onnx")
 PRODUCT_ONNX = "model.onnx"
@@ -24,15 +26,9 @@ PRODUCT_ONNX = "model.onnx"
 
 def product_onnx_path(product, registry=None) -> Path:
     """Where a product's exported graph is cached: ``<product folder>/model.onnx``."""
-    folder = None
-    for attr in ("path", "dir", "folder", "root"):
-        value = getattr(product, attr, None)
-        if value is not None:
-            folder = Path(value)
-            break
+    folder = Path(product.path) if product.path is not None else None
     if folder is None and registry is not None:
-        finder = getattr(registry, "product_dir", None) or getattr(registry, "path_of", None)
-        folder = Path(finder(product.name)) if callable(finder) else Path(registry.root) / product.name
+        folder = Path(registry.root) / product.name
     if folder is None:
         raise ValueError(f"cannot tell where product {product.name!r} is stored; pass an .onnx path instead")
     if folder.suffix:  # a file inside the product folder
@@ -79,5 +75,4 @@ def load_runtime(target: Any, runtime: str = "onnx", *, registry=None, device: s
     return runner
 
 
-__all__ = ["OnnxRunner", "PRODUCT_ONNX", "RUNTIMES", "available_providers", "load_runtime",
-           "product_onnx_path", "select_providers"]
+__all__ = ["PRODUCT_ONNX", "RUNTIMES", "load_runtime", "product_onnx_path"]

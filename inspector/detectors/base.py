@@ -1,6 +1,6 @@
-"""The detector protocol and the result every detector returns.
+"""The detector protocol, its declared capabilities, and the result every detector returns.
 
-One detector = one file implementing :class:`Detector`:
+One detector = one package (or file) implementing :class:`Detector`:
 
 * ``fit(images)``: learn from normal images (no-op for zero-shot detectors). ``images`` is a
   preprocessed ``Tensor[B,3,H,W]`` made by ``backbone.preprocess``.
@@ -9,19 +9,31 @@ One detector = one file implementing :class:`Detector`:
   score the batch against itself; that is part of their contract and documented there.
 * ``state() -> (tensors, config)`` and ``from_state(backbone, tensors, config)`` for saving as
   safetensors + JSON (see :mod:`inspector.state`); never pickle.
+* ``capabilities``: what else the class offers, declared as data (:class:`Capabilities`), so
+  that the product registry, the evaluator, the exporter and the shared CLIP pass read one
+  declaration instead of probing methods and signatures.
+
+The name -> class table is :mod:`inspector.detectors.registry`; the shared map operations
+(blur, upsampling, robust max) are :mod:`inspector.detectors.ops`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from inspector.backbones.registry import PatchBackbone
+from inspector.errors import InspectorError
+
+MODES = ("fit", "zero", "mutual")
+
+
+class SkipRun(InspectorError, RuntimeError):
+    """A detector cannot run here (missing weights, too few images, an optional library offline):
+    the evaluator records the run as skipped instead of failing."""
 
 
 @dataclass
@@ -46,14 +58,91 @@ class AnomalyResult:
         return AnomalyResult(torch.cat([r.maps for r in results]), torch.cat([r.scores for r in results]))
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a detector class offers beyond ``fit`` / ``score`` / ``state``, declared once.
+
+    Each flag names the methods it promises, so a caller checks the flag and calls them:
+
+    * ``mode``: ``"fit"`` learns from normal shots (``fit`` needs images); ``"zero"`` needs none
+      (``fit`` is a no-op) and scores images independently; ``"mutual"`` needs none and scores
+      a batch against itself (MuSc): it also offers ``extract(x) -> (feats, image_features)`` and
+      ``score_features(feats, image_size, image_features=)``, and cannot be a per-image graph.
+    * ``exportable``: ``export_module() -> nn.Module`` (images -> maps, scores), the very module
+      ``score`` runs (its ``torch_model``); with ``mode == "fit"`` also ``is_fitted``.
+    * ``fit_options``: optional keywords ``fit`` accepts (``generator``: the defect generator a
+      learned part trains on; ``reuse_head_of``: a fitted detector whose learned head to reuse;
+      ``progress``: a ``progress(stage, done, total)`` callback).
+    * ``needs_clip``: runs only on a ``clip/...`` backbone (``default_backbone`` when another is asked).
+    * ``default_backbone``: the backbone it runs on when the caller's does not fit (or its own).
+    * ``own_backbone``: brings its own network: ``load_backbone(name, device=, image_size=)``.
+    * ``default_image_size``: ``default_image_size(backbone, config) -> int | None`` picks the input
+      side for a configuration (official presets); otherwise the backbone's default size.
+    * ``shared_pass``: can score from one shared CLIP forward (:mod:`inspector.detectors.shared_pass`):
+      ``pass_spec()``, and ``score_pass(out, size)`` (per image) or ``from_pass(out)`` (mutual).
+    * ``embeds``: ``score(x) == score_embeddings(embed(x), size)`` with an ``embed`` that does not
+      depend on the fit, so an evaluation of several fits embeds its test set once.
+    * ``pretrained``: its learned part is trained elsewhere and loaded with
+      ``from_pretrained(checkpoint, backbone=)`` (a missing checkpoint is a clear error).
+    * ``trainable``: the parts that are learned (by ``fit`` or, with ``pretrained``, offline).
+    * ``product``: can back a registered product (``state`` / ``from_state``); the evaluator's
+      third-party baselines cannot.
+    """
+
+    mode: str
+    exportable: bool = False
+    fit_options: frozenset[str] = frozenset()
+    needs_clip: bool = False
+    default_backbone: str | None = None
+    own_backbone: bool = False
+    default_image_size: bool = False
+    shared_pass: bool = False
+    embeds: bool = False
+    pretrained: bool = False
+    trainable: frozenset[str] = frozenset()
+    product: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if (self.needs_clip or self.own_backbone) and not self.default_backbone:
+            raise ValueError("needs_clip and own_backbone need a default_backbone")
+        if self.mode != "fit" and self.fit_options:
+            raise ValueError(f"a {self.mode!r} detector has no fit options")
+
+    @property
+    def batchwise(self) -> bool:
+        """``score`` needs the whole batch (mutual scoring)."""
+        return self.mode == "mutual"
+
+    @property
+    def needs_fit(self) -> bool:
+        """``fit`` needs normal images."""
+        return self.mode == "fit"
+
+
+def capabilities_of(detector: Any) -> Capabilities:
+    """The declared :class:`Capabilities` of a detector class or instance.
+
+    A class written to the minimal protocol only (``name``, ``needs_fit``, ``batchwise``: a test
+    stand-in, a user's class handed to ``inspector eval``) gets the mode those two attributes
+    state and no optional capability. This is the one place that reads a class without a
+    declaration.
+    """
+    cls = detector if isinstance(detector, type) else type(detector)
+    declared = getattr(cls, "capabilities", None)
+    if isinstance(declared, Capabilities):
+        return declared
+    if getattr(cls, "batchwise", False):
+        return Capabilities("mutual")
+    return Capabilities("fit" if getattr(cls, "needs_fit", True) else "zero")
+
+
 @runtime_checkable
 class Detector(Protocol):
     name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
     backbone: PatchBackbone
-    #: True when ``score`` needs the whole batch (mutual scoring); False when images are independent.
-    batchwise: ClassVar[bool]
-    #: True when ``fit`` needs normal images.
-    needs_fit: ClassVar[bool]
 
     def fit(self, images: Tensor) -> Detector: ...
 
@@ -62,83 +151,4 @@ class Detector(Protocol):
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]: ...
 
 
-def gaussian_kernel1d(sigma: float, device=None) -> Tensor:
-    radius = max(1, int(math.ceil(4.0 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
-def gaussian_blur(maps: Tensor, sigma: float, padding: str = "reflect") -> Tensor:
-    """Separable Gaussian blur of ``[B,H,W]`` maps with reflect padding (PatchCore uses sigma=4).
-
-    ``padding="symmetric"`` repeats the edge pixel (``d c b a | a b c d``): scipy's
-    ``gaussian_filter`` default, used by the official AnomalyCLIP test; radius ``int(4 sigma + 0.5)``
-    as scipy's ``truncate=4``.
-    """
-    if sigma <= 0:
-        return maps
-    if padding == "symmetric":
-        r = int(4.0 * sigma + 0.5)
-        x = torch.arange(-r, r + 1, dtype=torch.float64, device=maps.device)
-        k = torch.exp(-0.5 * (x / sigma) ** 2)
-        k = (k / k.sum()).to(maps.dtype)
-        y = maps[:, None]
-        for dim in (-1, -2):
-            n = y.shape[dim]
-            idx = torch.arange(-r, n + r, device=maps.device)
-            idx = torch.where(idx < 0, -idx - 1, idx)
-            idx = torch.where(idx >= n, 2 * n - idx - 1, idx).remainder(max(1, 2 * n))
-            idx = torch.where(idx >= n, 2 * n - idx - 1, idx)
-            y = y.index_select(dim, idx)
-            y = F.conv2d(y, k.view(1, 1, 1, -1) if dim == -1 else k.view(1, 1, -1, 1))
-        return y[:, 0]
-    if padding != "reflect":
-        raise ValueError(f"padding must be reflect or symmetric, got {padding!r}")
-    k = gaussian_kernel1d(sigma, maps.device).to(maps.dtype)
-    r = k.numel() // 2
-    x = maps[:, None]
-    pad_w = min(r, x.shape[-1] - 1)
-    pad_h = min(r, x.shape[-2] - 1)
-    if pad_w < r or pad_h < r:  # tiny maps: fall back to replicate-safe padding size
-        x = F.pad(x, (r, r, r, r), mode="replicate")
-    else:
-        x = F.pad(x, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1))
-    x = F.conv2d(x, k.view(1, 1, -1, 1))
-    return x[:, 0]
-
-
-def patch_to_pixel(patch_scores: Tensor, size: tuple[int, int], sigma: float = 4.0, *,
-                   align_corners: bool = False) -> Tensor:
-    """``[B,h,w]`` patch scores -> ``[B,H,W]`` pixel map: bilinear upsampling then Gaussian smoothing.
-
-    ``align_corners=True`` is the official MuSc upsampling (corner patch centres on corner pixels).
-    """
-    up = F.interpolate(patch_scores[:, None].float(), size=size, mode="bilinear", align_corners=align_corners)[:, 0]
-    return gaussian_blur(up, sigma)
-
-
-def top_mean(maps: Tensor, fraction: float = 0.01) -> Tensor:
-    """Image score as the mean of the top ``fraction`` of map values (robust max)."""
-    flat = maps.flatten(1)
-    k = max(1, int(round(flat.shape[1] * fraction)))
-    return flat.topk(k, dim=1).values.mean(1)
-
-
-DETECTORS: dict[str, str] = {
-    "musc": "inspector.detectors.musc.detector:MuSc",
-    "graphcore": "inspector.detectors.graphcore.detector:GraphCore",
-    "patchcore": "inspector.detectors.graphcore.detector:PatchCoreKNN",
-    "patchcore-aug": "inspector.detectors.graphcore.detector:AugmentedPatchCore",
-    "anomalyclip": "inspector.detectors.anomalyclip.detector:AnomalyCLIP",
-}
-
-
-def detector_class(name: str):
-    import importlib
-
-    if name not in DETECTORS:
-        raise KeyError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
-    module, cls = DETECTORS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+__all__ = ["MODES", "AnomalyResult", "Capabilities", "Detector", "SkipRun", "capabilities_of"]

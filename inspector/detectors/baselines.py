@@ -31,6 +31,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from inspector.detectors.base import AnomalyResult, Capabilities, SkipRun
+
 # efficientnet_pytorch flat block index -> (timm stage, index in stage), B0 layout
 _STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
 _FLAT_TO_STAGE = [(s, i) for s, n in enumerate(_STAGE_REPEATS) for i in range(n)]
@@ -65,10 +67,9 @@ class AnomalibPatchcore:
     """anomalib's ``PatchcoreModel`` behind ``fit`` / ``score`` (see module docstring)."""
 
     name: ClassVar[str] = "anomalib-patchcore"
-    needs_fit: ClassVar[bool] = True
-    batchwise: ClassVar[bool] = False
-    own_backbone: ClassVar[bool] = True
-    default_backbone: ClassVar[str] = "efficientnet-lite0"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        "fit", own_backbone=True, default_backbone="efficientnet-lite0", trainable=frozenset({"bank"}),
+        product=False)
     _unavailable: ClassVar[dict[str, str]] = {}
 
     @staticmethod
@@ -82,8 +83,6 @@ class AnomalibPatchcore:
                  layers: tuple[str, ...] | None = None, coreset_ratio: float = 1.0, num_neighbors: int = 9,
                  **_: Any):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from inspector.eval.runner import SkipRun
-
         self.backbone = backbone
         self.coreset_ratio = float(coreset_ratio)
         self.device = backbone.device
@@ -133,8 +132,6 @@ class AnomalibPatchcore:
 
     @torch.no_grad()
     def score(self, images: Tensor):
-        from inspector.detectors.base import AnomalyResult
-
         out = self.model(images.to(self.device))
         return AnomalyResult(out.anomaly_map.reshape(len(images), *images.shape[-2:]).float().cpu(),
                              out.pred_score.reshape(-1).float().cpu())
@@ -151,16 +148,12 @@ class AnomalibPatchcoreStock(AnomalibPatchcore):
         super().__init__(backbone, **config)
 
 
-BASELINES = {"anomalib-patchcore": AnomalibPatchcore, "anomalib-patchcore-wrn50": AnomalibPatchcoreStock}
-
-
 class _WinClipBackbone:
     """anomalib's ``WinClipModel`` (open_clip ViT-B-16-plus-240, laion400m_e31) with the
     preprocessing it expects (240 px, CLIP normalisation); ``embed`` = its image encoder (timing)."""
 
     def __init__(self, device):
         from inspector.backbones.base import CLIP_MEAN, CLIP_STD, Preprocess
-        from inspector.eval.runner import SkipRun
 
         try:
             from anomalib.models.image.winclip.torch_model import BACKBONE, PRETRAINED, WinClipModel
@@ -189,10 +182,8 @@ class AnomalibWinClip:
     """anomalib's zero-shot WinCLIP (``WinClipModel``; ``class_name`` option for its prompt ensemble)."""
 
     name: ClassVar[str] = "anomalib-winclip"
-    needs_fit: ClassVar[bool] = False
-    batchwise: ClassVar[bool] = False
-    own_backbone: ClassVar[bool] = True
-    default_backbone: ClassVar[str] = "anomalib-winclip"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        "zero", own_backbone=True, default_backbone="anomalib-winclip", product=False)
     _unavailable: ClassVar[dict[str, str]] = {}
 
     @staticmethod
@@ -211,11 +202,7 @@ class AnomalibWinClip:
 
     @torch.no_grad()
     def score(self, images: Tensor):
-        from inspector.detectors.base import AnomalyResult
-
         out = self.model(images.to(self.backbone.device))
         return AnomalyResult(out.anomaly_map.reshape(len(images), *images.shape[-2:]).float().cpu(),
                              out.pred_score.reshape(-1).float().cpu())
 
-
-BASELINES["anomalib-winclip"] = AnomalibWinClip

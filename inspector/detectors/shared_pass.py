@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from inspector.detectors.base import AnomalyResult
+from inspector.backbones.vit import ClipBackbone
+from inspector.detectors.base import AnomalyResult, capabilities_of
 
 
 def merge_specs(specs: Sequence[dict[str, Any]], interpolates: bool, default_interp: str = "bicubic") -> dict[str, Any]:
@@ -39,13 +40,18 @@ def merge_specs(specs: Sequence[dict[str, Any]], interpolates: bool, default_int
 def score_shared(images: Tensor, detectors: Sequence[Any], batch_size: int = 16) -> list[AnomalyResult]:
     """Score ``images [N,3,H,W]`` with every detector from one backbone forward per image.
 
-    Per-image detectors (AnomalyCLIP) score each batch's pass with ``score_pass``; batch-wise
-    detectors (MuSc) collect ``from_pass`` features and score the whole set once at the end.
+    Every detector must declare ``capabilities.shared_pass``. Per-image detectors (AnomalyCLIP)
+    score each batch's pass with ``score_pass``; batch-wise detectors (MuSc) collect ``from_pass``
+    features and score the whole set once at the end.
     """
     if not detectors:
         return []
+    caps = [capabilities_of(d) for d in detectors]
+    refused = [d.name for d, c in zip(detectors, caps) if not c.shared_pass]
+    if refused:
+        raise ValueError(f"detectors {refused} cannot score from a shared CLIP pass (capabilities.shared_pass)")
     bb = detectors[0].backbone
-    if any(d.backbone is not bb for d in detectors) or not hasattr(bb, "run"):
+    if any(d.backbone is not bb for d in detectors) or not isinstance(bb, ClipBackbone):
         raise ValueError("a shared pass needs every detector on the same CLIP backbone instance")
     grid = bb.patch_grid(*images.shape[-2:])
     spec = merge_specs([d.pass_spec() for d in detectors], tuple(grid) != tuple(bb.visual.grid_size), bb.pos_interp)
@@ -57,7 +63,7 @@ def score_shared(images: Tensor, detectors: Sequence[Any], batch_size: int = 16)
         with bb.autocast():
             out = bb.run(x, **spec)
         for j, det in enumerate(detectors):
-            if getattr(det, "batchwise", False):
+            if caps[j].batchwise:
                 feats, glob = det.from_pass(out)
                 acc = sets.setdefault(j, ({}, []))
                 for k, v in feats.items():

@@ -26,7 +26,9 @@ def _plt():
 def save_curves(path: str | Path, scores: np.ndarray, labels: np.ndarray, maps: np.ndarray | None = None,
                 masks: np.ndarray | None = None, title: str = "", max_pixels: int = 2_000_000) -> Path | None:
     """ROC / PR curves. Returns ``None`` when the labels hold one class only."""
-    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from inspector.eval.metrics import auroc
 
     labels = np.asarray(labels).astype(int)
     if labels.min() == labels.max():
@@ -36,7 +38,7 @@ def save_curves(path: str | Path, scores: np.ndarray, labels: np.ndarray, maps: 
     fig, axes = plt.subplots(1, panels, figsize=(4.0 * panels, 3.8), dpi=90)
     fpr, tpr, _ = roc_curve(labels, scores)
     ax = axes[0]
-    ax.plot(fpr, tpr, lw=2, label=f"AUROC {auc(fpr, tpr):.3f}")
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC {auroc(scores, labels):.3f}")
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="image ROC", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
@@ -53,7 +55,8 @@ def save_curves(path: str | Path, scores: np.ndarray, labels: np.ndarray, maps: 
             m, y = m[idx], y[idx]
         pf, pt, _ = roc_curve(y, m)
         ax = axes[2]
-        ax.plot(pf, pt, lw=2, color="tab:orange", label=f"AUROC {auc(pf, pt):.3f}")
+        pa = auroc(m, y)  # None when the subsample missed every defect pixel
+        ax.plot(pf, pt, lw=2, color="tab:orange", label="AUROC -" if pa is None else f"AUROC {pa:.3f}")
         ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
         ax.axvline(0.3, ls=":", color="grey", lw=1)
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title="pixel ROC", xlim=(0, 1), ylim=(0, 1.01))

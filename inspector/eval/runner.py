@@ -1,25 +1,13 @@
-"""Evaluation on MVTec-layout folders: anomalib's metrics, the few-/zero-shot protocols, timing.
+"""Evaluation on MVTec-layout folders: the few-/zero-shot protocols, timing, the report.
 
-Data
-    Any MVTec-layout folder: a root holding several classes (``root/<class>/{train/good,test/<type>,
-    ground_truth/<type>/<stem>_mask.png}``: MVTec AD, VisA converted, the generated sample products)
-    or one class folder. ``test/good`` images have label 0, every other ``test/<type>`` label 1.
-    Pixel ground truth is known for good images (all zero) and for defect types with masks; defect
-    types without a ``ground_truth/<type>`` folder (e.g. the textile product's ``local``/``global``)
-    take part in the image metrics only, and pixel metrics use the images whose masks are known.
-    A class with no masks at all reports image metrics only.
+Data (:mod:`inspector.eval.data`)
+    Any MVTec-layout folder, several classes or one; ``test/good`` label 0, other types label 1;
+    pixel metrics over the images whose masks are known.
 
-Metrics (anomalib 2.7 metric classes, :func:`compute_metrics`)
-    image AUROC, image AP (anomalib ``AUPR``: the step-wise average precision, equal to sklearn's
-    ``average_precision_score``), image F1-max, pixel AUROC, pixel AUPRO up to 30 % FPR (normalised
-    by the limit, as in MVTec AD), pixel F1-max. Maps are compared with masks at the detector's
-    input resolution (masks resized with nearest neighbour).
-
-    Scores are min-max rescaled to [0, 1] (float64) before the metrics see them. This changes no
-    ranking, and it is needed: torchmetrics' ROC, under anomalib's ``AUROC``, passes any input outside
-    [0, 1] through a sigmoid, and in float32 the sigmoid of kNN distances such as 20 and 30 is 1.0
-    for both, so raw distances give wrong AUROCs (0.5 instead of 1.0 on a perfectly separated
-    example; see ``tests/test_evaluate.py``).
+Metrics (:mod:`inspector.eval.metrics`: anomalib 2.7 metric classes)
+    image AUROC, AP, F1-max; pixel AUROC, AUPRO up to ``fpr_limit`` FPR, F1-max. Maps are compared
+    with masks at the detector's input resolution (masks resized with nearest neighbour).
+    Tables: :mod:`inspector.eval.tables`.
 
 Protocols (:func:`evaluate`)
     few-shot (detectors with ``needs_fit``: GraphCore, the PatchCore-kNN baseline): for each k in
@@ -36,7 +24,8 @@ Protocols (:func:`evaluate`)
 Timing, in the same run
     backbone ms/image (``backbone.embed`` over the test split, after a warm-up), detector ms/image
     (``score`` wall time over the test split; includes its backbone pass), fit seconds, and peak
-    memory during fit + score: CPU resident set size sampled every 2 ms, or CUDA
+    memory during fit + score (:class:`inspector.eval.measure.PeakMemory`): CPU resident set size
+    sampled every 2 ms, or CUDA
     ``max_memory_allocated``; reported as the rise above the level before the run, the absolute
     peak is in the JSON.
 """
@@ -47,320 +36,28 @@ import contextlib
 import math
 import os
 import platform
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
-from inspector.data.mvtec import MVTecFolder, read_mvtec
+from inspector.detectors.base import SkipRun, capabilities_of
+from inspector.detectors.registry import detector_class
+from inspector.eval.data import ClassData, TestSet, draw_shots, find_classes, load_test_set
+from inspector.eval.measure import PeakMemory, sync
+from inspector.eval.metrics import METRICS, auroc, compute_metrics
+from inspector.eval.tables import summarize
 
-IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
-PIXEL_METRICS = ("pixel_auroc", "pixel_aupro", "pixel_f1max")
-METRICS = IMAGE_METRICS + PIXEL_METRICS
-METRIC_LABELS = {
-    "image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max",
-    "pixel_auroc": "P-AUROC", "pixel_aupro": "AUPRO@30", "pixel_f1max": "P-F1max",
-}
-#: Extra detectors known to the evaluator only (baselines from other libraries).
-BASELINES = ("anomalib-patchcore", "anomalib-patchcore-wrn50", "anomalib-winclip")
 FEW_SHOT_DEFAULT = (1, 2, 4, 8)
 
 
 # --------------------------------------------------------------------------------------------
-# data
-
-
-@dataclass
-class ClassData:
-    """One class (product) of an MVTec-layout folder; images are read on demand."""
-
-    name: str
-    folder: MVTecFolder
-
-    @property
-    def root(self) -> Path:
-        return self.folder.root
-
-    @property
-    def train(self) -> list[Path]:
-        return self.folder.train_good
-
-    def test_items(self) -> list[tuple[Path, int, Path | None, str]]:
-        return self.folder.test_items()
-
-    @property
-    def masked_types(self) -> list[str]:
-        return self.folder.masked_types
-
-    @property
-    def unmasked_types(self) -> list[str]:
-        return [t for t in self.folder.defect_types if t not in self.folder.masked_types]
-
-    @property
-    def has_masks(self) -> bool:
-        return bool(self.masked_types)
-
-    def describe(self) -> dict:
-        items = self.test_items()
-        return {
-            "name": self.name, "root": str(self.root), "train_good": len(self.train),
-            "test_good": sum(1 for it in items if it[1] == 0),
-            "test_defect": sum(1 for it in items if it[1] == 1),
-            "defect_types": self.folder.defect_types, "masked_types": self.masked_types,
-            "unmasked_types": self.unmasked_types,
-        }
-
-
-def _is_class_dir(p: Path) -> bool:
-    return (p / "test").is_dir() or (p / "train" / "good").is_dir()
-
-
-def find_classes(root: str | os.PathLike, classes: Sequence[str] | None = None) -> list[ClassData]:
-    """The classes under ``root`` (a dataset root with class folders, or one class folder)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such data folder")
-    if _is_class_dir(root):
-        found = [ClassData(root.name, read_mvtec(root))]
-    else:
-        found = [ClassData(d.name, read_mvtec(d)) for d in sorted(root.iterdir())
-                 if d.is_dir() and not d.name.startswith(".") and _is_class_dir(d)]
-    if not found:
-        raise FileNotFoundError(f"{root}: not an MVTec-layout folder (no <class>/test or test/ inside)")
-    if classes:
-        want = set(classes)
-        missing = want - {c.name for c in found}
-        if missing:
-            raise FileNotFoundError(f"{root}: no class {', '.join(sorted(missing))}; found {', '.join(c.name for c in found)}")
-        found = [c for c in found if c.name in want]
-    for c in found:
-        if not c.test_items():
-            raise FileNotFoundError(f"{c.root}: no test images (test/<type>/*.png)")
-    return found
-
-
-def read_mask(path: str | os.PathLike | None, size: tuple[int, int]) -> np.ndarray:
-    """Binary mask (bool, ``size`` = (H, W)), all False for ``None``; resized with nearest neighbour."""
-    h, w = size
-    if path is None:
-        return np.zeros((h, w), bool)
-    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        from inspector.io import ImageError
-
-        raise ImageError(str(path), "mask is not a decodable image")
-    if m.shape != (h, w):
-        m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
-    return m > 0
-
-
-@dataclass
-class TestSet:
-    """The test split of one class, read once and preprocessed for one backbone."""
-
-    paths: list[Path]
-    types: list[str]
-    labels: np.ndarray           # [N] int 0/1
-    x: Tensor                    # [N,3,S,S] preprocessed
-    rgb: list[np.ndarray]        # resized RGB uint8 (what the network sees), for example plots
-    mask_paths: list[Path | None]
-    pixel_known: np.ndarray      # [N] bool: pixel ground truth known (good, or defect with mask)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def masks(self, size: tuple[int, int]) -> np.ndarray:
-        return np.stack([read_mask(p, size) for p in self.mask_paths])
-
-
-def load_test_set(data: ClassData, preprocess, max_test: int | None = None) -> TestSet:
-    from inspector.io import read_image
-
-    items = data.test_items()
-    if max_test is not None and len(items) > max_test:
-        # keep the good/defect proportions: a deterministic, evenly spaced subset
-        idx = np.unique(np.linspace(0, len(items) - 1, max_test).round().astype(int))
-        items = [items[i] for i in idx]
-    images = [read_image(p) for p, *_ in items]
-    rgb = [preprocess.resize(im) for im in images]
-    masked = set(data.masked_types)
-    return TestSet(
-        paths=[p for p, *_ in items], types=[t for *_, t in items],
-        labels=np.array([lab for _, lab, _, _ in items], dtype=np.int64),
-        x=preprocess(images), rgb=rgb, mask_paths=[m for _, _, m, _ in items],
-        pixel_known=np.array([lab == 0 or t in masked for _, lab, _, t in items], bool),
-    )
-
-
-def draw_shots(n_train: int, k: int, seed: int) -> list[int]:
-    """Indices of ``k`` few-shot images out of ``n_train`` for ``seed`` (>= 0).
-
-    A seeded permutation of ``train/good`` is cut into ``n_train // k`` blocks of ``k``; seed ``s``
-    takes block ``s mod blocks`` of permutation ``default_rng(s // blocks)``. So seeds
-    ``0 .. n_train//k - 1`` get disjoint shot sets (independent draws could repeat: with 16 images,
-    seeds 0 and 2 both drew image 13 for k=1), and every seed is reproducible."""
-    if k > n_train:
-        raise ValueError(f"{k} shots requested but train/good has only {n_train} images")
-    if k < 1 or seed < 0:
-        raise ValueError(f"need k >= 1 and seed >= 0, got k={k}, seed={seed}")
-    blocks = n_train // k
-    perm = np.random.default_rng(seed // blocks).permutation(n_train)
-    b = seed % blocks
-    return sorted(int(i) for i in perm[b * k:(b + 1) * k])
-
-
-# --------------------------------------------------------------------------------------------
-# metrics
-
-
-class _Fields:
-    """The minimal batch object anomalib's ``AnomalibMetric.update`` reads its fields from."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-def unit_scale(x: Tensor | np.ndarray) -> Tensor:
-    """Min-max rescale to [0, 1] in float64 (rank-preserving; see module docstring)."""
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).detach().cpu().double()
-    lo, hi = t.min(), t.max()
-    if not torch.isfinite(lo) or not torch.isfinite(hi):
-        raise ValueError("scores contain NaN or inf")
-    return (t - lo) / (hi - lo) if hi > lo else torch.zeros_like(t)
-
-
-def _anomalib(metric_cls, preds: Tensor, target: Tensor, fields=("pred_score", "gt_label"), **kw) -> float:
-    m = metric_cls(fields=list(fields), **kw)
-    m.update(_Fields(**{fields[0]: preds, fields[1]: target}))
-    return float(m.compute())
-
-
-def image_metrics(scores, labels) -> dict[str, float | None]:
-    """Image AUROC, AP, F1-max with anomalib's ``AUROC``, ``AUPR``, ``F1Max``. ``None`` when the
-    labels hold one class only (the metrics are undefined)."""
-    from anomalib.metrics import AUPR, AUROC, F1Max
-
-    y = torch.as_tensor(np.asarray(labels)).long().flatten()
-    s = unit_scale(scores).flatten()
-    if s.shape != y.shape:
-        raise ValueError(f"{s.numel()} scores for {y.numel()} labels")
-    if y.min() == y.max():
-        return dict.fromkeys(IMAGE_METRICS)
-    return {
-        "image_auroc": _anomalib(AUROC, s, y),
-        "image_ap": _anomalib(AUPR, s, y),
-        "image_f1max": _anomalib(F1Max, s, y),
-    }
-
-
-def pixel_metrics(maps, masks, fpr_limit: float = 0.3) -> dict[str, float | None]:
-    """Pixel AUROC, AUPRO (FPR up to ``fpr_limit``), F1-max with anomalib's ``AUROC``, ``AUPRO``,
-    ``F1Max`` over ``maps`` / ``masks`` ``[N,H,W]``. ``None`` without defect or normal pixels."""
-    from anomalib.metrics import AUPRO, AUROC, F1Max
-
-    m = torch.as_tensor(np.asarray(masks)).bool()
-    p = unit_scale(maps).float()  # float32 is exact enough for ranks of [0,1] maps, halves memory
-    if p.shape != m.shape or p.ndim != 3:
-        raise ValueError(f"maps {tuple(p.shape)} and masks {tuple(m.shape)} must both be [N,H,W]")
-    if not m.any() or m.all():
-        return dict.fromkeys(PIXEL_METRICS)
-    f = ("anomaly_map", "gt_mask")
-    return {
-        "pixel_auroc": _anomalib(AUROC, p, m.long(), f),
-        "pixel_aupro": _anomalib(AUPRO, p, m.to(torch.uint8), f, fpr_limit=fpr_limit),
-        "pixel_f1max": _anomalib(F1Max, p, m.long(), f),
-    }
-
-
-def compute_metrics(scores, labels, maps=None, masks=None, pixel_known=None,
-                    fpr_limit: float = 0.3) -> dict[str, float | None]:
-    """All metrics. Pixel metrics only when ``maps`` and ``masks`` are given, over the images
-    with ``pixel_known`` (default: all)."""
-    out = image_metrics(scores, labels)
-    if maps is None or masks is None:
-        return {**out, **dict.fromkeys(PIXEL_METRICS)}
-    maps = torch.as_tensor(np.asarray(maps)) if not isinstance(maps, Tensor) else maps
-    masks = np.asarray(masks)
-    if pixel_known is not None:
-        keep = np.asarray(pixel_known, bool)
-        maps, masks = maps[torch.from_numpy(keep)], masks[keep]
-    if len(masks) == 0:
-        return {**out, **dict.fromkeys(PIXEL_METRICS)}
-    return {**out, **pixel_metrics(maps, masks, fpr_limit)}
-
-
-# --------------------------------------------------------------------------------------------
 # timing and memory
-
-
-class PeakMemory:
-    """Peak memory while the block runs: CUDA ``max_memory_allocated`` on a CUDA device, else the
-    process resident set size sampled every ``interval`` s by a thread (torch releases the GIL in
-    its kernels, so the sampler sees the working peak). ``.peak_mb`` absolute, ``.rise_mb`` above
-    the level at entry."""
-
-    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.002):
-        self.device = torch.device(device)
-        self.interval = interval
-        self.base = self.peak = 0
-        self.kind = "cuda_allocated" if self.device.type == "cuda" else "cpu_rss"
-
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):  # not Linux: lifetime peak from getrusage
-            import resource
-
-            r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return r if platform.system() == "Darwin" else r * 1024
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = self.peak = torch.cuda.memory_allocated(self.device)
-        else:
-            self.base = self.peak = self.rss()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self.rss())
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 2**20
-
-    @property
-    def rise_mb(self) -> float:
-        return max(0, self.peak - self.base) / 2**20
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -368,11 +65,11 @@ def time_backbone(backbone, x: Tensor, batch_size: int = 8) -> float:
     """ms/image of ``backbone.embed`` over ``x`` in batches, after a one-image warm-up."""
     dev = backbone.device
     backbone.embed(x[:1])
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     for i in range(0, len(x), batch_size):
         backbone.embed(x[i:i + batch_size])
-    _sync(dev)
+    sync(dev)
     return (time.perf_counter() - t0) * 1e3 / max(1, len(x))
 
 
@@ -380,31 +77,21 @@ def time_backbone(backbone, x: Tensor, batch_size: int = 8) -> float:
 # detectors
 
 
-class SkipRun(RuntimeError):
-    """A detector cannot run here (missing weights, too few images): recorded, not fatal."""
-
-
 def resolve_detector(spec: str | type) -> tuple[str, type]:
-    """``(name, class)`` for a registry name, an evaluator baseline, or a detector class."""
+    """``(name, class)`` for a registry name (baselines included) or a detector class."""
     if isinstance(spec, type):
-        return getattr(spec, "name", spec.__name__), spec
-    if spec in BASELINES:
-        from inspector.detectors import baselines
-
-        return spec, baselines.BASELINES[spec]
-    from inspector.detectors.base import detector_class
-
+        return spec.name, spec
     return spec, detector_class(spec)
 
 
 def detector_backbone(name: str, cls: type, requested: str) -> str:
     """The backbone a detector runs on: the requested one, except for detectors tied to a family
-    (AnomalyCLIP needs a CLIP backbone: ``cls.default_backbone`` or ``clip/ViT-L-14-336``)."""
-    if name == "anomalyclip" or getattr(cls, "requires_clip", False):
-        if not requested.startswith("clip/"):
-            return getattr(cls, "default_backbone", "clip/ViT-L-14-336")
-    if getattr(cls, "own_backbone", False):  # baselines that bring their own network
-        return getattr(cls, "default_backbone", requested)
+    (AnomalyCLIP needs a CLIP backbone: its declared ``default_backbone``) or bringing their own."""
+    caps = capabilities_of(cls)
+    if caps.needs_clip and not requested.startswith("clip/"):
+        return caps.default_backbone
+    if caps.own_backbone:  # baselines that bring their own network
+        return caps.default_backbone
     return requested
 
 
@@ -414,11 +101,11 @@ def construct_detector(cls, backbone, config: dict[str, Any]):
     missing checkpoint is a clear ``MissingWeightsError`` (reported as skipped), never a run with
     untrained prompts."""
     config = dict(config)
-    if hasattr(cls, "from_pretrained") and not getattr(cls, "needs_fit", True):
+    if capabilities_of(cls).pretrained:
         det = cls.from_pretrained(config.pop("checkpoint", None), backbone=backbone)
         for k, v in config.items():  # simple runtime options (e.g. chunk) only
             if not hasattr(det, k):
-                raise ValueError(f"{getattr(cls, 'name', cls.__name__)}: unknown option {k!r} with a checkpoint")
+                raise ValueError(f"{cls.name}: unknown option {k!r} with a checkpoint")
             setattr(det, k, v)
         return det
     return cls(backbone, **config)
@@ -575,7 +262,7 @@ def evaluate(data: str | os.PathLike | Sequence[ClassData], config: EvalConfig |
                 runs.append(_replace(base, status="failed", reason=f"cannot load detector: {_first_line(exc)}"))
                 log(f"[red]{cdata.name} {spec_name}: cannot load detector: {_first_line(exc)}[/]")
                 continue
-            few = bool(getattr(cls, "needs_fit", True))
+            few = capabilities_of(cls).needs_fit
             protocol = "few-shot" if few else "zero-shot"
             grid = [(k, s) for k in cfg.shots for s in cfg.seeds] if few else [(None, None)]
             bb_name = detector_backbone(name, cls, requested_bb)
@@ -627,9 +314,8 @@ def _replace(rec: RunRecord, **kw) -> RunRecord:
 
 
 def _load_backbone_for(cls, bb_name: str, device, image_size, load_backbone):
-    loader = getattr(cls, "load_backbone", None)  # baselines with their own network
-    if callable(loader):
-        return loader(bb_name, device=device, image_size=image_size)
+    if capabilities_of(cls).own_backbone:  # baselines with their own network
+        return cls.load_backbone(bb_name, device=device, image_size=image_size)
     return load_backbone(bb_name, device=device, image_size=image_size)
 
 
@@ -675,16 +361,16 @@ def _one_run(rec: RunRecord, cls, backbone, cdata: ClassData, ts: TestSet, k, se
         t0 = time.perf_counter()
         if shots_x is not None:
             det.fit(shots_x)
-        _sync(device)
+        sync(device)
         rec.fit_s = time.perf_counter() - t0 if shots_x is not None else None
-        batchwise = bool(getattr(cls, "batchwise", False))
+        batchwise = capabilities_of(cls).batchwise
         reuse = (embed_cache is not None and not batchwise and callable(getattr(det, "embed", None))
                  and callable(getattr(det, "score_embeddings", None)))
         if reuse and "feats" not in embed_cache:
             t0 = time.perf_counter()
             embed_cache["feats"] = torch.cat([det.embed(ts.x[i:i + cfg.batch_size])
                                               for i in range(0, len(ts), cfg.batch_size)])
-            _sync(device)
+            sync(device)
             embed_cache["seconds"] = time.perf_counter() - t0
         elif reuse:
             rec.embed_cached = True
@@ -693,7 +379,7 @@ def _one_run(rec: RunRecord, cls, backbone, cdata: ClassData, ts: TestSet, k, se
             res = det.score_embeddings(embed_cache["feats"], tuple(ts.x.shape[-2:])).cpu()
         else:
             res = _score(det, ts.x, batchwise, cfg.batch_size)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0 + (embed_cache["seconds"] if reuse else 0.0)
         rec.detector_ms = seconds * 1e3 / max(1, len(ts))
     rec.mem_rise_mb, rec.mem_peak_mb, rec.mem_kind = mem.rise_mb, mem.peak_mb, mem.kind
@@ -710,7 +396,7 @@ def _one_run(rec: RunRecord, cls, backbone, cdata: ClassData, ts: TestSet, k, se
     types = np.asarray(ts.types)
     for t in sorted(set(ts.types) - {"good"}):
         keep = torch.from_numpy((types == "good") | (types == t))
-        rec.per_type_auroc[t] = image_metrics(scores[keep], ts.labels[keep.numpy()])["image_auroc"]
+        rec.per_type_auroc[t] = auroc(scores[keep], ts.labels[keep.numpy()])
     if plot_dir is not None:
         from inspector.eval import plots
 
@@ -733,127 +419,3 @@ def _run_line(r: RunRecord) -> str:
     m = r.metrics
     return (f"{what}: I-AUROC {_fmt(m['image_auroc'])}  P-AUROC {_fmt(m['pixel_auroc'])}  "
             f"AUPRO {_fmt(m['pixel_aupro'])}  ({r.detector_ms:.1f} ms/img)")
-
-
-# --------------------------------------------------------------------------------------------
-# aggregation and tables
-
-
-def _mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    if not v:
-        return None, None, 0
-    a = np.asarray(v, float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None, len(a)
-
-
-TIMING = ("fit_s", "backbone_ms", "detector_ms", "mem_rise_mb")
-
-
-def summarize(runs: Sequence[RunRecord]) -> list[dict]:
-    """Rows per (detector, shots, class) and a ``mean`` row per (detector, shots): metric mean and
-    std over seeds; the mean row averages classes within each seed first, then over seeds."""
-    by_det: dict[str, list[RunRecord]] = {}
-    for r in runs:
-        by_det.setdefault(r.detector, []).append(r)
-    rows: list[dict] = []
-    groups: dict[tuple, list[RunRecord]] = {}
-    for det, rs in by_det.items():
-        if all(r.status != "ok" for r in rs) and len({(r.status, r.reason) for r in rs}) == 1:
-            groups[(det, "all")] = rs  # never ran, for one reason: one row, not k x classes
-            continue
-        for r in rs:
-            groups.setdefault((det, r.shots), []).append(r)
-    for (det, shots), group in groups.items():
-        if shots == "all":
-            rows.append({**_row(det, None, "all", group), "shots": None})
-            continue
-        class_names = list(dict.fromkeys(r.cls for r in group))
-        for cname in class_names:
-            rows.append(_row(det, shots, cname, [r for r in group if r.cls == cname]))
-        if len(class_names) > 1:
-            ok = [r for r in group if r.status == "ok"]
-            seeds = list(dict.fromkeys(r.seed for r in ok))
-            row = _row(det, shots, "mean", group)
-            for key in METRICS:  # per-seed class means, then over seeds
-                per_seed = [_mean_std(r.metrics[key] for r in ok if r.seed == s)[0] for s in seeds]
-                row[key], row[key + "_std"], _ = _mean_std(per_seed)
-            rows.append(row)
-    return rows
-
-
-def _row(det, shots, cname, group: list[RunRecord]) -> dict:
-    ok = [r for r in group if r.status == "ok"]
-    row: dict[str, Any] = {"detector": det, "shots": shots, "class": cname,
-                           "protocol": group[0].protocol, "backbone": group[0].backbone,
-                           "device": group[0].device, "n_runs": len(ok)}
-    for key in METRICS:
-        row[key], row[key + "_std"], _ = _mean_std(r.metrics[key] for r in ok)
-    for key in TIMING:
-        row[key] = _mean_std(getattr(r, key) for r in ok)[0]
-    if not ok:
-        row["status"] = group[0].status
-        row["reason"] = group[0].reason
-    elif len(ok) < len(group):
-        bad = [r for r in group if r.status != "ok"]
-        row["status"] = "partial"
-        row["reason"] = f"{len(bad)} of {len(group)} runs {bad[0].status}: {bad[0].reason}"
-    else:
-        row["status"] = "ok"
-        row["reason"] = None
-    return row
-
-
-def fmt_pm(mean: float | None, std: float | None, pct: bool = True) -> str:
-    if mean is None:
-        return "-"
-    f = 100.0 if pct else 1.0
-    return f"{f * mean:.1f}" + (f"±{f * std:.1f}" if std is not None else "")
-
-
-def _fmt_num(v: float | None, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-TABLE_COLUMNS = ("class", "detector", "k", *[METRIC_LABELS[m] for m in METRICS],
-                 "fit s", "bb ms/img", "det ms/img", "+MB", "note")
-
-
-def table_rows(summary: Sequence[dict]) -> list[list[str]]:
-    out = []
-    for r in summary:
-        out.append([
-            r["class"], r["detector"],
-            "0" if r["protocol"] == "zero-shot" else ("-" if r["shots"] is None else str(r["shots"])),
-            *[fmt_pm(r[m], r[m + "_std"]) for m in METRICS],
-            _fmt_num(r["fit_s"], 2), _fmt_num(r["backbone_ms"]), _fmt_num(r["detector_ms"]),
-            _fmt_num(r["mem_rise_mb"], 0), r.get("reason") or "",
-        ])
-    return out
-
-
-def rich_table(summary: Sequence[dict], title: str = "Evaluation"):
-    from rich.table import Table
-
-    t = Table(title=title, show_lines=False)
-    for c in TABLE_COLUMNS:
-        t.add_column(c, justify="left" if c in ("class", "detector", "note") else "right",
-                     overflow="fold", max_width=60 if c == "note" else None)
-    prev = None
-    for r, cells in zip(summary, table_rows(summary)):
-        key = (r["detector"], r["shots"])
-        if prev is not None and key != prev:
-            t.add_section()
-        prev = key
-        style = "bold" if r["class"] == "mean" else ("yellow" if r["status"] != "ok" else None)
-        t.add_row(*cells, style=style)
-    return t
-
-
-def markdown_table(summary: Sequence[dict]) -> str:
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
-    for r, cells in zip(summary, table_rows(summary)):
-        if r["class"] == "mean":
-            cells = [f"**{c}**" if c not in ("", "-") else c for c in cells]
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    return "\n".join(lines)

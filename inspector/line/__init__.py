@@ -2,6 +2,7 @@
 
 :mod:`.config` (the ``[line]`` config tables), :mod:`.pipeline` (bounded trigger -> inspection ->
 verdict queue), :mod:`.sinks` (OPC UA, Modbus TCP, Prometheus ``/metrics`` and ``/health``),
-:mod:`.runner` (wires them into a running line station). Cameras live in :mod:`inspector.cameras`.
-Importing this package imports none of the optional stacks.
+:mod:`.loopthread` (the asyncio thread the OPC UA and Modbus servers run on), :mod:`.runner` (wires
+them into a running line station). Cameras live in :mod:`inspector.cameras` (opened through its
+scheme registry). Importing this package imports none of the optional stacks.
 """

@@ -2,14 +2,14 @@
 
 Two threads, so that the camera is never starved while the model works:
 
-* **acquisition** reads frames from the :class:`~inspector.cameras.sources.Camera` (one frame per trigger
+* **acquisition** reads frames from the :class:`~inspector.cameras.camera.Camera` (one frame per trigger
   in trigger mode, every frame in free-run) and puts them on a bounded queue. When the queue is
   full the part is **dropped**: counted, recorded in the store (verdict ERROR, error
   ``"dropped: ..."``) and published as an ERROR verdict with its frame id, so that the reject gate
   treats it as not inspected instead of letting it pass. (A free-running camera delivers frames
   whether or not a part is there: its dropped frames are counted, not published as parts.)
 * **inspection** takes frames off the queue, scores them with the active product through
-  :meth:`inspector.station.service.Station.inspect` (which records the result: the source string carries
+  :meth:`inspector.station.service.StationService.inspect` (which records the result: the source string carries
   the camera, frame id and device timestamp), and publishes a :class:`LineVerdict`.
 
 Software triggers are matched to frames in order; a trigger whose frame does not come within
@@ -32,7 +32,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from inspector.cameras.sources import Camera, Frame
+from inspector.batch.common import error_row
+from inspector.cameras.base import Frame
+from inspector.cameras.camera import Camera
 from inspector.verdict import ERROR
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ class VerdictLog:
 
 @dataclass
 class LinePipeline:
-    """See module docstring. ``station`` is an :class:`inspector.station.service.Station`."""
+    """See module docstring. ``station`` is an :class:`inspector.station.service.StationService`."""
 
     station: object
     product: str
@@ -281,8 +283,7 @@ class LinePipeline:
         try:
             prod = self.station.registry.get(product)
             rid = self.station.store.record_inspection(
-                product=prod.name, source=_source(self.camera, frame), image_sha256=None, score=None,
-                verdict=ERROR, model_version=prod.version, error=reason)
+                **error_row(prod.name, prod.version, _source(self.camera, frame), reason))
         except Exception:  # noqa: BLE001 - the count and the published verdict still report it
             log.exception("line: could not record a dropped part")
         log.warning("line: part dropped (frame %s): %s", meta.get("frame_id"), reason)
@@ -312,7 +313,8 @@ def _arrival(frame: Frame) -> float:
 
 
 def _source(camera: Camera, frame: Frame | None) -> str:
-    """``genicam:<camera>/frame=<id>/ts=<device ns>``: the record points at the exact buffer."""
+    """``line:<camera>/frame=<id>/ts=<device ns>``: the record points at the exact buffer (a source
+    without frame ids: ``line:<camera>/<frame name>``; no frame: ``line:<camera>/no-frame``)."""
     meta = (frame.meta if frame is not None else None) or {}
     s = f"line:{camera.source.short}"
     if meta.get("frame_id") is not None:

@@ -9,7 +9,8 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from inspector.cameras.sources import Camera, make_source
+from inspector.cameras.camera import Camera
+from inspector.cameras.registry import make_source, scheme_of
 from inspector.line.config import LineConfig
 from inspector.line.pipeline import LinePipeline
 from inspector.line.sinks.metrics import LineMetrics, MetricsServer
@@ -18,18 +19,13 @@ log = logging.getLogger(__name__)
 
 
 def make_line_camera(cfg: LineConfig) -> Camera:
-    """The camera of the line. A GenICam camera gets the ``[line.camera]`` settings, with
-    ``self_trigger`` off: the pipeline triggers it once per part."""
+    """The camera of the line. A GenICam camera gets the ``[line.camera]`` settings (the spec's
+    query parameters override them), with ``self_trigger`` off: the pipeline triggers it once per part."""
     spec = cfg.source or "genicam://"
-    if spec.lower().startswith("genicam://"):
-        from inspector.cameras.genicam import GenICamSource, parse_spec
-
-        device, query = parse_spec(spec)
-        settings = cfg.camera
-        if query:
-            settings = GenICamSource.from_spec(spec, base=settings).settings
-        return Camera(GenICamSource(device, replace(settings, self_trigger=False)), backoff=0.5, max_backoff=5.0)
-    return Camera(make_source(spec), backoff=0.5, max_backoff=5.0)
+    source = make_source(spec, base={"genicam": cfg.camera})
+    if scheme_of(spec) == "genicam":
+        source.settings = replace(source.settings, self_trigger=False)
+    return Camera(source, backoff=0.5, max_backoff=5.0)
 
 
 class LineStation:

@@ -52,18 +52,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from inspector.errors import InspectorError
 from inspector.paths import within
-from inspector.station.auth import LoginGuard, check_password, hash_password, is_weak_entry
+from inspector.station.auth import LoginGuard, is_weak_entry
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 
 
-__all__ = ["CAMERA_REFUSED", "ConfigError", "SourceNotAllowed", "StationConfig", "check_password",
-           "hash_password"]
+__all__ = ["CAMERA_REFUSED", "ConfigError", "SourceNotAllowed", "StationConfig"]
 
 
-class ConfigError(ValueError):
+class ConfigError(InspectorError, ValueError):
     """A bad configuration value; the message names the key and the source."""
 
 
@@ -73,7 +73,7 @@ CAMERA_REFUSED = ("camera source not allowed: choose a configured camera, or a f
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-class SourceNotAllowed(PermissionError):
+class SourceNotAllowed(InspectorError, PermissionError):
     """A camera source outside the configuration (message: :data:`CAMERA_REFUSED`, always)."""
 
     def __init__(self):

@@ -1,34 +1,34 @@
-"""The station: registry + store + data directory in one object, used by the CLI and the web app.
+"""The station service: registry + store + data directory in one object, used by the CLI, the
+line and the web app (:class:`StationService`).
 
-Data directory (``Station(data_dir)``, else ``$INSPECTOR_DATA``, else ``./data``)::
+Data directory (``StationService(data_dir)``, else ``$INSPECTOR_DATA``, else ``./data``:
+:func:`inspector.paths.data_dir`)::
 
     inspector.db        SQLite store (or ``$INSPECTOR_DB_URL``, any SQLAlchemy URL)
-    products/<name>/    registered products (see inspector.products.registry)
+    products/<name>/    registered products (see inspector.products.product)
     heatmaps/           heatmap PNGs of inspections (and heatmaps/batches/<batch id>/)
     batches/<batch id>/ batch reports (results.csv, report.html)
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 
+from inspector import paths
+from inspector.batch.common import error_row
 from inspector.io import ImageError, read_file_bytes, read_image
 from inspector.products.heatmap import MAX_SIDE, overlay, save_png
+from inspector.products.product import array_sha256
 from inspector.products.registry import ProductRegistry
+from inspector.state import bytes_sha256
 from inspector.station.store import Store
-from inspector.verdict import ERROR, Thresholds, Verdict
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    return Path(data_dir or os.environ.get("INSPECTOR_DATA") or "data")
+from inspector.verdict import Thresholds, Verdict
 
 
 @dataclass
@@ -54,9 +54,13 @@ class InspectionRecord:
         return self.error is None
 
 
-class Station:
+class StationService:
+    """Registry + store over one data directory; ``store_url`` (else ``$INSPECTOR_DB_URL``, else
+    SQLite in the data directory) names the database. A Ray batch's scoring actors open the same
+    two the same way (:class:`inspector.batch.ray.Scorer`)."""
+
     def __init__(self, data_dir: str | os.PathLike | None = None, device=None, store_url: str | None = None):
-        self.data_dir = resolve_data_dir(data_dir)
+        self.data_dir = paths.data_dir(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         url = store_url or os.environ.get("INSPECTOR_DB_URL") or f"sqlite:///{(self.data_dir / 'inspector.db').resolve()}"
         self.store = Store(url)
@@ -75,16 +79,15 @@ class Station:
             data = image_or_path
             if isinstance(data, (str, os.PathLike)):  # read once: the bytes hashed are the bytes decoded
                 data = read_file_bytes(image_or_path, str(image_or_path))
-            sha = _sha256_of(data)
+            sha = _content_sha256(data)
             rgb = read_image(data, name=str(image_or_path) if data is not image_or_path else None)
         except ImageError as exc:
-            rid = self.store.record_inspection(product=prod.name, source=source,
-                                               image_sha256=sha, score=None, verdict=ERROR,
-                                               model_version=prod.version, error=exc.reason)
+            rid = self.store.record_inspection(**error_row(prod.name, prod.version, source, exc.reason,
+                                                           image_sha256=sha))
             return InspectionRecord(rid, prod.name, source, None, None, None, None, None, None, exc.reason,
                                     prod.version, prod.thresholds)
         if sha is None:
-            sha = hashlib.sha256(rgb.tobytes()).hexdigest()
+            sha = bytes_sha256(rgb.tobytes())
         self.registry.runtime(prod, runtime)  # load the model first: latency measures the inspection only
         t0 = time.perf_counter()
         ins = prod.inspect([rgb], runtime=runtime)[0]
@@ -128,21 +131,14 @@ class Station:
         return self.store.history(**kwargs)
 
 
-def _sha256_of(src) -> str | None:
-    if isinstance(src, (str, os.PathLike)):
-        try:
-            h = hashlib.sha256()
-            with open(src, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            return h.hexdigest()
-        except OSError:
-            return None
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return hashlib.sha256(bytes(src)).hexdigest()
-    if isinstance(src, np.ndarray):
-        return hashlib.sha256(np.ascontiguousarray(src).tobytes() + str(src.shape).encode()).hexdigest()
+def _content_sha256(data) -> str | None:
+    """The sha256 recorded for what :meth:`StationService.inspect` was given: of the bytes (a file's
+    bytes, read once), or of an array's content (:func:`inspector.products.product.array_sha256`)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes_sha256(data)
+    if isinstance(data, np.ndarray):
+        return array_sha256(data)
     return None
 
 
-__all__ = ["InspectionRecord", "Station", "resolve_data_dir"]
+__all__ = ["InspectionRecord", "StationService"]

@@ -53,6 +53,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 
+from inspector.batch.common import error_row
 from inspector.paths import display, encode_source
 
 log = logging.getLogger(__name__)
@@ -289,10 +290,9 @@ class Store:
                 n += self._insert_rows([self._row(**r)])
             except Exception as exc:  # noqa: BLE001
                 log.warning("could not record %s: %s", display(r.get("source")), exc)
-                bad = dict(product=r.get("product"), source=r.get("source"), verdict="ERROR",
-                           model_version=r.get("model_version"), batch_id=r.get("batch_id"),
-                           image_sha256=r.get("image_sha256"),
-                           error=f"could not record ({type(exc).__name__}: {exc})")
+                bad = error_row(r.get("product"), r.get("model_version"), r.get("source"),
+                                f"could not record ({type(exc).__name__}: {exc})",
+                                image_sha256=r.get("image_sha256"), batch_id=r.get("batch_id"))
                 try:
                     n += self._insert_rows([self._row(**bad)])
                 except Exception:  # noqa: BLE001

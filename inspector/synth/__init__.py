@@ -4,7 +4,8 @@
 * :mod:`.diffusion` -- Defect-Gen style diffusion generator (Defect Spectrum, ECCV 2024): a small
   diffusion model trained on a few defect images generates image + mask jointly, inpainted into
   normal images.
-* :mod:`.mvtec` -- writes MVTec-layout folders (``train/good``, ``test/<type>``, ``ground_truth``).
+* Products are written as MVTec-layout folders by :mod:`inspector.data.mvtec` (``train/good``,
+  ``test/<type>``, ``ground_truth``).
 
 The one call other modules need is :func:`generate_defects`.
 """
@@ -128,7 +129,7 @@ def build_synthetic_product(normal: Sequence[str | os.PathLike | np.ndarray], ou
 
 def synth_models_dir() -> Path:
     """``<models>/synth`` (``$INSPECTOR_MODELS`` or the repository's ``models/``)."""
-    from inspector.backbones.registry import models_dir
+    from inspector.paths import models_dir
 
     return models_dir() / "synth"
 

@@ -49,6 +49,7 @@ import cv2
 import numpy as np
 import torch
 
+from inspector.backbones.base import default_device
 from inspector.synth.fallback import enforce_change
 from inspector.synth.fallback import make_defect as fallback_defect
 
@@ -164,10 +165,6 @@ def _fit_scale(images, masks, cfg: DefectGenConfig) -> int | None:
     return int(max(cfg.patch, min(cap, round(0.6 * cfg.patch / max(r, 1e-6)))))
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # --------------------------------------------------------------------------------------- data
 
 def _to_rgb(img: np.ndarray) -> np.ndarray:
@@ -195,15 +192,16 @@ def load_defect_images(defects: str | os.PathLike, masks: str | os.PathLike | No
 
     ``defects``: an MVTec-layout folder (``test/<type>`` for every type but ``good``, or only
     ``types``; masks from ``ground_truth/<type>`` where present; normals from ``train/good``) or a
-    plain folder of defect images with masks in ``masks`` (``<stem>_mask.png`` / ``<stem>.png``;
-    an image without one gets None)."""
-    from inspector.data.mvtec import read_mvtec
-    from inspector.io import is_image_file, read_image
+    plain folder of defect images with masks in ``masks`` (``<stem>_mask.<suffix>`` /
+    ``<stem>.<suffix>``, as :func:`inspector.data.mvtec.find_mask`; an image without one gets None).
+    Masks are binarised by :func:`inspector.data.mvtec.read_mask`, at the image's size."""
+    from inspector.data.mvtec import find_masks, is_class_dir, list_class_images, read_mask, read_mvtec
+    from inspector.io import read_image
 
     root = Path(defects)
     pairs: list[tuple[Path, Path | None]] = []
     normals: list[Path] = []
-    if masks is None and (root / "test").is_dir():
+    if masks is None and is_class_dir(root):
         info = read_mvtec(root)
         normals = list(info.train_good)
         chosen = list(types) if types else info.defect_types
@@ -217,21 +215,14 @@ def load_defect_images(defects: str | os.PathLike, masks: str | os.PathLike | No
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: not a folder")
         mdir = Path(masks) if masks else None
-        for p in sorted(q for q in root.iterdir() if q.is_file() and is_image_file(q)):
-            cands = [mdir / f"{p.stem}_mask.png", mdir / f"{p.stem}.png", mdir / f"{p.stem}_mask{p.suffix}",
-                     mdir / p.name] if mdir else []
-            pairs.append((p, next((c for c in cands if c.is_file()), None)))
+        imgs = list_class_images(root)
+        pairs = list(zip(imgs, find_masks(mdir, imgs) if mdir else [None] * len(imgs)))
     if not pairs:
         raise FileNotFoundError(f"{root}: no defect images")
     out = []
     for ip, mp in pairs:
         img = read_image(ip)
-        m = None
-        if mp is not None:
-            m = read_image(mp)[..., 0] > 127
-            if m.shape != img.shape[:2]:
-                m = cv2.resize(m.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
-        out.append((img, m))
+        out.append((img, None if mp is None else read_mask(mp, img.shape[:2])))
     return out, normals
 
 

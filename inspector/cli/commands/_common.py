@@ -17,10 +17,11 @@ def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1 (default: CUDA when present)")
 
 
-def station(args: argparse.Namespace):
-    from inspector.station.service import Station
+def service_from_args(args: argparse.Namespace):
+    """The station service over ``--data-dir`` and ``--device`` (each optional on a command)."""
+    from inspector.station.service import StationService
 
-    return Station(getattr(args, "data_dir", None), device=getattr(args, "device", None))
+    return StationService(getattr(args, "data_dir", None), device=getattr(args, "device", None))
 
 
 def expand_images(items: list[str]) -> list[Path]:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from inspector.cli.commands._common import add_data_dir, add_device, station
+from inspector.cli.commands._common import add_data_dir, add_device, service_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,11 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from inspector.errors import EXIT_USAGE, CommandError
-    from inspector.products.registry import RuntimeUnavailable
+    from inspector.products.product import RuntimeUnavailable
 
     if args.batch_size < 1:
         raise CommandError("--batch-size must be >= 1", EXIT_USAGE)
-    st = station(args)
+    st = service_from_args(args)
     st.registry.get(args.product)
     common = dict(out_dir=args.out, batch_size=args.batch_size, progress=not args.no_progress and sys.stderr.isatty(),
                   resume=not args.no_resume, runtime=args.runtime, heatmaps=args.heatmaps, workers=args.workers)

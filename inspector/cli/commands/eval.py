@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from inspector.errors import EXIT_USAGE, CommandError
-    from inspector.eval.runner import EvalConfig, evaluate, rich_table
+    from inspector.eval.runner import EvalConfig, evaluate
+    from inspector.eval.tables import rich_table
 
     console = Console(width=None if sys.stdout.isatty() else 240)
     dets = list(ALL) if args.detector == ["all"] else args.detector

@@ -29,9 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _product(name: str, data: str | None):
-    from inspector.station.service import Station
+    from inspector.station.service import StationService
 
-    station = Station(Path(data) if data else None)
+    station = StationService(Path(data) if data else None)
     return station.registry.get(name)
 
 
@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from inspector.backbones.registry import models_dir
     from inspector.deploy.export import OPSET, export_backbone, export_product
+    from inspector.paths import models_dir
 
     console = Console()
     opset = args.opset or OPSET

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from inspector.cli.commands._common import add_data_dir, fmt, station
+from inspector.cli.commands._common import add_data_dir, fmt, service_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    st = station(args)
+    st = service_from_args(args)
     rows = st.store.history(product=args.product, verdict=args.verdict, batch_id=args.batch,
                             limit=args.limit if args.limit and args.limit > 0 else None)
     if args.json:

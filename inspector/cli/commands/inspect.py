@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from inspector.cli.commands._common import add_data_dir, add_device, fmt, station
+from inspector.cli.commands._common import add_data_dir, add_device, fmt, service_from_args
 from inspector.paths import display
 
 
@@ -26,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from inspector.errors import CommandError
-    from inspector.products.registry import RuntimeUnavailable
+    from inspector.products.product import RuntimeUnavailable
 
-    st = station(args)
+    st = service_from_args(args)
     st.registry.get(args.product)  # unknown product: clear error before anything is recorded
     failed = 0
     for path in args.images:

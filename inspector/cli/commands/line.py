@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from inspector.errors import CommandError
     from inspector.line.runner import LineStation
     from inspector.station.config import StationConfig
-    from inspector.station.service import Station
+    from inspector.station.service import StationService
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("asyncua", "pymodbus"):
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     lc = line_config(cfg, args.product, args.source)
     if not lc.product:
         raise CommandError("no product: set [line] product in the config or pass --product")
-    station = Station(cfg.data_dir)
+    station = StationService(cfg.data_dir)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

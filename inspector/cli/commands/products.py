@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from inspector.cli.commands._common import actor, add_data_dir, add_device, expand_images, fmt, station
+from inspector.cli.commands._common import (
+    actor,
+    add_data_dir,
+    add_device,
+    expand_images,
+    fmt,
+    service_from_args,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from inspector.errors import EXIT_USAGE, CommandError
     from inspector.verdict import Thresholds
 
-    st = station(args)
+    st = service_from_args(args)
     reg = st.registry
     action = args.action or "list"
     if action == "list":

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from inspector.cli.commands._common import actor, add_data_dir, add_device, expand_images, fmt, station
+from inspector.cli.commands._common import (
+    actor,
+    add_data_dir,
+    add_device,
+    expand_images,
+    fmt,
+    service_from_args,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from inspector.errors import EXIT_USAGE, CommandError
     from inspector.io import read_image
-    from inspector.products.registry import ProductExists
+    from inspector.products.product import ProductExists
 
     try:
         cfg = json.loads(args.config) if args.config else {}
@@ -55,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--generator {args.generator}: no trained generator at {path} "
                                f"(train one with `inspector synth train`)", EXIT_USAGE)
         generator = str(path)
-    st = station(args)
+    st = service_from_args(args)
     try:
         prod = st.registry.register(args.name, images, detector=args.detector, backbone=args.backbone,
                                     actor=actor(args), n_synthetic=args.n_synthetic, seed=args.seed,

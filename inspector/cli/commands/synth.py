@@ -65,8 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from inspector.backbones.base import default_device
     from inspector.errors import CommandError
-    from inspector.synth.diffusion import DefectGen, DefectGenConfig, default_device, load_defect_pairs
+    from inspector.synth.diffusion import DefectGen, DefectGenConfig, load_defect_pairs
 
     device = args.device or default_device()
     report: dict = {}

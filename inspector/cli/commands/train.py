@@ -61,9 +61,10 @@ def _add_anomalyclip(sub: argparse._SubParsersAction) -> None:
 def _run_anomalyclip(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from inspector.backbones.registry import load_backbone, models_dir
-    from inspector.detectors.anomalyclip.detector import train_prompts
+    from inspector.backbones.registry import load_backbone
+    from inspector.detectors.anomalyclip.train import train_prompts
     from inspector.errors import EXIT_USAGE, CommandError
+    from inspector.paths import models_dir
 
     if not args.backbone.startswith("clip/"):
         raise CommandError(f"AnomalyCLIP needs a clip/<arch> backbone, got {args.backbone!r}", EXIT_USAGE)

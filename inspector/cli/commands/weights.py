@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _models_dir(args):
     from pathlib import Path
 
-    from inspector.backbones.registry import models_dir
+    from inspector.paths import models_dir
 
     return Path(args.models_dir) if args.models_dir else models_dir()
 
@@ -53,7 +53,7 @@ def run_import(args: argparse.Namespace) -> int:
               f"{'QuickGELU' if entry['quick_gelu'] else 'GELU'}) -> {mdir / entry['file']}")
         print(f"  sha256 {entry['sha256']} recorded in {mdir / 'manifest.json'}")
         return 0
-    from inspector.detectors.anomalyclip.detector import import_official_checkpoint
+    from inspector.detectors.anomalyclip.checkpoint import import_official_checkpoint
 
     out = import_official_checkpoint(args.file, name, mdir, backbone=args.backbone)
     print(f"imported {args.file} -> {out} (+ .json, official preset, backbone {args.backbone})")

@@ -1,7 +1,9 @@
 """Few-shot GraphCore: a memory bank of augmented shots plus a small GNN trained per product.
 
 GraphCore (Xie et al., ICLR 2023) registers a product from 1-8 normal images. Here it is three
-parts that share one backbone pass per test image:
+parts that share one backbone pass per test image; their scoring is one module,
+:class:`~inspector.detectors.graphcore.torch_model.GraphCoreScorer` (``score`` runs it, ONNX export
+traces it). This module fits it:
 
 1. **Memory bank** (PatchCore's): patch features of the shots and their augmented views, reduced
    by greedy coreset; a test patch's distance ``d`` to its nearest bank row is the anomaly
@@ -29,26 +31,24 @@ non-square inputs) of every shot into the bank and into the head's training view
 presented rotated or flipped is normal; ``"fixed"`` keeps orientation as information (only small
 rotations/shifts in the views), so a rotated part or pattern is a defect. Both cost one backbone
 pass per test image (the former D4 feature averaging cost 8 and hid orientation defects by
-construction). Neither is exactly invariant: under ``free`` image scores of D4-transformed images
-stay within 15 % (``tests/test_graphcore.py``). Default ``fixed`` (``bench/GRAPHCORE.md``,
-128 px, seeds 0-2, mean image AUROC of brick/gravel/grass/textile at k = 1/2/4/8): fixed
-66.2 / 65.2 / 66.7 / 71.7, free 64.5 / 69.1 / 68.4 / 71.2 -- a split decision on the mean, so
-the tie goes to what the parts need: the sample parts are upright, and textile's real
-``global`` defects include weave-direction changes that ``free`` declares normal (fixed is
-better on them at three of four k).
+construction). Neither is exactly invariant (``tests/test_graphcore.py`` bounds how far image
+scores of D4-transformed images may move under ``free``). Default ``fixed``: on the mean over
+the sample classes the two are a split decision (``bench/GRAPHCORE.md``, written by
+``bench/graphcore_ablation.py``), so the tie goes to what the parts need: the sample parts are
+upright, and textile's real ``global`` defects include weave-direction changes that ``free``
+declares normal.
 
 Patch features: by default the backbone's shallowest and deepest layers (Lite0 ``blocks.4``
 stride 8 + ``blocks.10`` stride 16, 3x3 locally averaged, on the stride-8 grid: PatchCore's
-layer2 + layer3 recipe, as anomalib's PatchCore), each L2-normalised. Measured (PatchCore kNN,
-256 px, k = 1 / 4, 3 seeds, image AUROC) on textile's *real* defects: local 71.3 / 76.4 with
-both layers against 52.1 / 56.0 with ``blocks.4`` alone, global 55.3 / 55.3 against 38.7 / 37.7;
-the shallow layer alone was better on the generated brick defects (97.2 vs 89.4 at k = 1), which
-is exactly the tuning-on-generated-defects trap, so the real-defect result sets the default.
+layer2 + layer3 recipe, as anomalib's PatchCore), each L2-normalised. The choice was made on
+textile's *real* defects, where both layers beat the shallow one alone; the shallow layer alone
+looked better on generated brick defects, which is exactly the tuning-on-generated-defects trap.
+Current figures: ``bench/RESULTS.md`` (``bench/run_all.py``) and ``bench/GRAPHCORE.md``; speed:
+``bench/GRAPHCORE_SPEED.md``.
 
-:class:`GraphCoreScorer` is the one statement of the scoring math: ``GraphCore.score`` runs it,
-and ONNX export traces it (``export_module``). :class:`PatchCoreKNN` ("patchcore") is the
-in-run baseline (shots only, no head, no global branch) and :class:`AugmentedPatchCore`
-("patchcore-aug") the same bank of augmented views as GraphCore without head and global branch.
+:class:`PatchCoreKNN` ("patchcore") is the in-run baseline (shots only, no head, no global
+branch) and :class:`AugmentedPatchCore` ("patchcore-aug") the same bank of augmented views as
+GraphCore without head and global branch.
 """
 
 from __future__ import annotations
@@ -64,10 +64,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch_geometric.nn import EdgeConv, SAGEConv
 
 from inspector.backbones.registry import PatchBackbone
-from inspector.detectors.base import AnomalyResult, patch_to_pixel
+from inspector.detectors.base import AnomalyResult, Capabilities
+from inspector.detectors.graphcore.torch_model import (
+    GraphCoreScorer,
+    GraphHead,
+    grid_neighbors,
+    image_descriptor,
+    knn_neighbors,
+    neighbors_to_edge_index,
+    nn_distance,
+)
 
 FORMAT_VERSION = 2
 ORIENTATIONS = ("free", "fixed")
@@ -113,52 +121,7 @@ def d4_invert(x: Tensor, g: int, dims: tuple[int, int] = (-2, -1)) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Graphs: feature-space kNN and the spatial grid, as torch_geometric edge_index.
-# --------------------------------------------------------------------------------------------
-def knn_neighbors(x: Tensor, k: int, *, loop: bool = False) -> Tensor:
-    """``[B,N,k]`` indices of each node's ``k`` nearest nodes of the same image (cosine).
-
-    One ``[N,N]`` similarity matmul + ``topk`` per image (what ``torch_geometric.nn.knn_graph``
-    does through torch_cluster, absent here). Without ``loop`` the node itself is excluded."""
-    n = x.shape[1]
-    k = min(k, n if loop else n - 1)
-    xn = F.normalize(x, dim=-1)
-    sim = xn @ xn.transpose(1, 2)
-    idx = torch.arange(n, device=x.device)
-    eye = idx[:, None] == idx[None, :]  # not torch.eye: onnxruntime has no bool EyeLike kernel
-    # self-similarity is 1 up to rounding: pin it so the self loop is always in (or out)
-    sim = sim.masked_fill(eye, math.inf if loop else -math.inf)
-    return sim.topk(k, dim=-1).indices
-
-
-def neighbors_to_edge_index(nbr: Tensor) -> Tensor:
-    """``[B,N,k]`` per-image neighbour indices -> ``edge_index [2, B*N*k]`` over the flattened
-    ``B*N`` nodes (graph ``b`` owns nodes ``b*N ..``): row 0 the neighbour ``j`` (source), row 1
-    the centre ``i`` (target), torch_geometric's ``source_to_target`` convention."""
-    b, n, k = nbr.shape
-    offset = (torch.arange(b, device=nbr.device) * n).view(-1, 1, 1)
-    src = (nbr + offset).reshape(-1)
-    dst = (torch.arange(n, device=nbr.device).view(1, n, 1) + offset).expand(b, n, k).reshape(-1)
-    return torch.stack([src, dst])
-
-
-def knn_edge_index(x: Tensor, k: int, *, loop: bool = True) -> Tensor:
-    """Feature-space kNN graph of ``B`` images' nodes ``x [B,N,C]`` as ``edge_index``."""
-    return neighbors_to_edge_index(knn_neighbors(x, k, loop=loop))
-
-
-def grid_neighbors(h: int, w: int, device=None) -> Tensor:
-    """``[h*w, 4]`` up/down/left/right neighbour of each cell of an ``h x w`` grid (the cell
-    itself where the neighbour would fall outside)."""
-    r = torch.arange(h, device=device).view(h, 1).expand(h, w)
-    c = torch.arange(w, device=device).view(1, w).expand(h, w)
-    nb = [((r - 1).clamp_min(0), c), ((r + 1).clamp_max(h - 1), c), (r, (c - 1).clamp_min(0)),
-          (r, (c + 1).clamp_max(w - 1))]
-    return torch.stack([(rr * w + cc).reshape(-1) for rr, cc in nb], dim=1)
-
-
-# --------------------------------------------------------------------------------------------
-# Memory bank: greedy coreset and nearest-neighbour distances.
+# Memory bank: greedy coreset (the scorer's nearest-row distance is torch_model.nn_distance).
 # --------------------------------------------------------------------------------------------
 def greedy_coreset(feats: Tensor, n: int, *, proj_dim: int = 128, starts: int = 10, seed: int = 0) -> Tensor:
     """PatchCore's approximate greedy k-center coreset: indices of ``n`` rows of ``feats [N,D]``.
@@ -187,32 +150,9 @@ def greedy_coreset(feats: Tensor, n: int, *, proj_dim: int = 128, starts: int = 
     return chosen
 
 
-def nn_distance(queries: Tensor, bank: Tensor, chunk: int = 4096, bank_sqnorm: Tensor | None = None) -> Tensor:
-    """Euclidean distance from each row of ``queries [N,C]`` to its nearest row of ``bank [M,C]``.
-
-    ``|q|^2 - 2 q.m + |m|^2`` by matmul, min over the bank chunk by chunk (peak ``N x chunk``;
-    the loop runs over the fixed-size bank, so it unrolls in an exported graph), clamped at 0
-    before the sqrt."""
-    q2 = (queries * queries).sum(-1, keepdim=True)
-    m2 = (bank * bank).sum(-1) if bank_sqnorm is None else bank_sqnorm
-    best = None
-    for start in range(0, bank.shape[0], chunk):
-        part = bank[start:start + chunk]
-        cur = (q2 - 2.0 * (queries @ part.T) + m2[start:start + chunk][None]).amin(1)
-        best = cur if best is None else torch.minimum(best, cur)
-    return best.clamp_min(0.0).sqrt()
-
-
 def nearest_distance(queries: Tensor, memory: Tensor, chunk: int = 4096) -> Tensor:
     """:func:`nn_distance` chunked over the queries too (large query sets at fit time)."""
     return torch.cat([nn_distance(q, memory) for q in queries.split(chunk)])
-
-
-def image_descriptor(feats: Tensor) -> Tensor:
-    """Global descriptor of ``[B,h,w,C]`` patch features: per-channel mean and std, ``[B,2C]``."""
-    flat = feats.flatten(1, 2)
-    mean = flat.mean(1)
-    return torch.cat([mean, (flat - mean[:, None]).square().mean(1).clamp_min(1e-12).sqrt()], dim=-1)
 
 
 def _rotate(x: Tensor, degrees: float) -> Tensor:
@@ -223,107 +163,6 @@ def _rotate(x: Tensor, degrees: float) -> Tensor:
                          dtype=x.dtype, device=x.device).expand(x.shape[0], 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-# --------------------------------------------------------------------------------------------
-# The learned head.
-# --------------------------------------------------------------------------------------------
-class GraphHead(nn.Module):
-    """Per-patch defect logit from a patch graph (torch_geometric layers, trained at fit).
-
-    ``x [N,C]`` node features, ``rel [N]`` relative bank distance, ``knn_edges`` / ``grid_edges``
-    as ``edge_index``. Input projection, EdgeConv over the feature-space kNN graph (message
-    ``MLP([h_i, h_j - h_i])``, mean), SAGEConv over the grid (mean), each residual, linear
-    read-out. Mean aggregation (not max) so the exported graph needs only ONNX ScatterElements-add.
-    """
-
-    def __init__(self, in_dim: int, hidden: int = 32):
-        super().__init__()
-        self.inp = nn.Linear(in_dim + 1, hidden)
-        self.feat_conv = EdgeConv(nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU()), aggr="mean")
-        self.grid_conv = SAGEConv(hidden, hidden, aggr="mean")
-        self.out = nn.Linear(hidden, 1)
-
-    def forward(self, x: Tensor, rel: Tensor, knn_edges: Tensor, grid_edges: Tensor) -> Tensor:
-        h = F.relu(self.inp(torch.cat([x, rel[:, None]], dim=-1)))
-        h = h + self.feat_conv(h, knn_edges)
-        h = h + F.relu(self.grid_conv(h, grid_edges))
-        return self.out(h)[:, 0]
-
-
-# --------------------------------------------------------------------------------------------
-# Scoring: one module, used by GraphCore.score and traced for ONNX.
-# --------------------------------------------------------------------------------------------
-class GraphCoreScorer(nn.Module):
-    """Images ``[B,3,S,S]`` -> ``(maps [B,S,S], scores [B])`` from a fitted GraphCore's tensors.
-
-    ``features`` (backbone, layers, normalisation) depends on the image only; ``score_features``
-    is the fitted part (bank distance, graph head, global branch, map, image score).
-    """
-
-    def __init__(self, backbone: PatchBackbone, layers: tuple[str, ...], config: GraphCoreConfig,
-                 memory: Tensor, head: GraphHead | None = None, descriptors: Tensor | None = None,
-                 d_scale: float = 1.0, g_scale: float = 1.0):
-        super().__init__()
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.normalize = bool(config.normalize)
-        self.neighbors = int(config.neighbors)
-        self.sigma = float(config.sigma)
-        self.reduce = config.reduce
-        self.top_fraction = float(config.top_fraction)
-        self.head_weight = float(config.head_weight)
-        self.global_weight = float(config.global_weight)
-        self.head = head
-        self.register_buffer("memory", memory.detach().float(), persistent=False)
-        self.register_buffer("memory_sqnorm", self.memory.square().sum(1), persistent=False)
-        self.register_buffer("descriptors", None if descriptors is None else descriptors.detach().float(),
-                             persistent=False)
-        self.d_scale = float(d_scale)
-        self.g_scale = float(g_scale)
-
-    def features(self, images: Tensor) -> Tensor:
-        """``[B,3,H,W]`` -> ``[B,h,w,C]``: the chosen layers, each L2-normalised, concatenated."""
-        feats = self.backbone._features(images) if torch.jit.is_tracing() else self.backbone(images)
-        parts = [feats[name].float() for name in self.layers]
-        if self.normalize:
-            parts = [F.normalize(p, dim=-1) for p in parts]
-        return torch.cat(parts, dim=-1)
-
-    def patch_distance(self, feats: Tensor) -> Tensor:
-        b, h, w, c = feats.shape
-        return nn_distance(feats.reshape(-1, c), self.memory, bank_sqnorm=self.memory_sqnorm).reshape(-1, h, w)
-
-    def head_logits(self, feats: Tensor, dist: Tensor) -> Tensor:
-        """Graph head on ``[B,h,w,C]`` features and ``[B,h,w]`` bank distances -> ``[B,h,w]`` logits."""
-        b, h, w, c = feats.shape
-        nodes = feats.reshape(-1, h * w, c)
-        rel = dist.reshape(-1, h * w)
-        rel = rel / rel.mean(1, keepdim=True).clamp_min(1e-6)
-        knn = neighbors_to_edge_index(knn_neighbors(nodes, self.neighbors))
-        grid = grid_neighbors(h, w, feats.device).unsqueeze(0).expand(nodes.shape[0], -1, -1)
-        logits = self.head(nodes.reshape(-1, c), rel.reshape(-1), knn, neighbors_to_edge_index(grid))
-        return logits.reshape(-1, h, w)
-
-    def score_features(self, feats: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        dist = self.patch_distance(feats)
-        patch = dist / self.d_scale
-        if self.head is not None and self.head_weight:
-            patch = patch + self.head_weight * torch.sigmoid(self.head_logits(feats, dist))
-        maps = patch_to_pixel(patch, size, self.sigma)
-        flat = maps.flatten(1)
-        if self.reduce == "max":
-            scores = flat.amax(1)
-        else:
-            k = max(1, int(round(int(size[0]) * int(size[1]) * self.top_fraction)))
-            scores = flat.topk(k, dim=1).values.mean(1)
-        if self.descriptors is not None and self.global_weight:
-            g = nn_distance(image_descriptor(feats), self.descriptors)
-            scores = scores + self.global_weight * g / self.g_scale
-        return maps, scores
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.score_features(self.features(images), (int(images.shape[-2]), int(images.shape[-1])))
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,8 +219,11 @@ class GraphCore:
     """
 
     name: ClassVar[str] = "graphcore"
-    batchwise: ClassVar[bool] = False
-    needs_fit: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        "fit", exportable=True, fit_options=frozenset({"generator", "progress", "reuse_head_of"}), embeds=True,
+        trainable=frozenset({"bank", "head", "descriptors"}))
+    batchwise: ClassVar[bool] = capabilities.batchwise
+    needs_fit: ClassVar[bool] = capabilities.needs_fit
     #: Per-class defaults applied before the caller's overrides.
     defaults: ClassVar[dict[str, Any]] = {}
 
@@ -417,9 +259,18 @@ class GraphCore:
         # CPU: small passes stay in cache (about 2^18 input pixels is fastest); CUDA: large batches
         return self.config.batch or (256 if self.device.type == "cuda" else max(1, 2**18 // (height * width)))
 
+    def _new_scorer(self, memory: Tensor, head: GraphHead | None = None, descriptors: Tensor | None = None,
+                    d_scale: float = 1.0, g_scale: float = 1.0) -> GraphCoreScorer:
+        """A scorer on this detector's backbone, layers and scoring options."""
+        cfg = self.config
+        return GraphCoreScorer(self.backbone, self.feature_layers, memory, head, descriptors, d_scale, g_scale,
+                               normalize=cfg.normalize, neighbors=cfg.neighbors, sigma=cfg.sigma, reduce=cfg.reduce,
+                               top_fraction=cfg.top_fraction, head_weight=cfg.head_weight,
+                               global_weight=cfg.global_weight)
+
     def _scorer(self) -> GraphCoreScorer:
         """An unfitted scorer (empty bank) for the image-only feature stage."""
-        return self.scorer or GraphCoreScorer(self.backbone, self.feature_layers, self.config, torch.zeros(1, 1))
+        return self.scorer or self._new_scorer(torch.zeros(1, 1))
 
     # ---- features -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -493,10 +344,9 @@ class GraphCore:
                          "memory": int(memory.shape[0]), "image_size": list(size), "grid": list(bank_feats.shape[1:3])}
         needs_scales = cfg.head or cfg.global_branch
         if not needs_scales:
-            self.scorer = GraphCoreScorer(self.backbone, self.feature_layers, cfg, memory)
+            self.scorer = self._new_scorer(memory)
             return self
-        scorer = GraphCoreScorer(self.backbone, self.feature_layers, cfg, memory, None,
-                                 descriptors if cfg.global_branch else None)
+        scorer = self._new_scorer(memory, None, descriptors if cfg.global_branch else None)
         # Held-out normal views (other random transforms than the bank's): the scales of both terms.
         with torch.inference_mode():
             normal = self.augment(images, max(1, cfg.train_normals // len(images) + 1), cfg.seed + 1,
@@ -682,9 +532,8 @@ class GraphCore:
             head = head.to(dev).eval().requires_grad_(False)
         desc = tensors.get("descriptors")
         scales = config.get("scales", {})
-        det.scorer = GraphCoreScorer(backbone, det.feature_layers, det.config, memory, head,
-                                     None if desc is None else desc.to(dev), scales.get("d_scale", 1.0),
-                                     scales.get("g_scale", 1.0))
+        det.scorer = det._new_scorer(memory, head, None if desc is None else desc.to(dev),
+                                     scales.get("d_scale", 1.0), scales.get("g_scale", 1.0))
         det.fit_info = dict(config.get("fit", {}))
         return det
 
@@ -706,6 +555,7 @@ class PatchCoreKNN(GraphCore):
     no global branch): patch features of the shots, greedy coreset, nearest-neighbour distance."""
 
     name: ClassVar[str] = "patchcore"
+    capabilities: ClassVar[Capabilities] = dataclasses.replace(GraphCore.capabilities, trainable=frozenset({"bank"}))
     defaults: ClassVar[dict[str, Any]] = {"head": False, "global_branch": False, "views": 1, "orientation": "fixed"}
 
 
@@ -714,6 +564,7 @@ class AugmentedPatchCore(GraphCore):
     no global branch: what the graph head and the global branch are measured against."""
 
     name: ClassVar[str] = "patchcore-aug"
+    capabilities: ClassVar[Capabilities] = dataclasses.replace(GraphCore.capabilities, trainable=frozenset({"bank"}))
     defaults: ClassVar[dict[str, Any]] = {"head": False, "global_branch": False}
 
 
@@ -721,18 +572,10 @@ __all__ = [
     "AugmentedPatchCore",
     "GraphCore",
     "GraphCoreConfig",
-    "GraphCoreScorer",
-    "GraphHead",
     "PatchCoreKNN",
     "d4_apply",
     "d4_invert",
     "greedy_coreset",
-    "grid_neighbors",
-    "image_descriptor",
-    "knn_edge_index",
-    "knn_neighbors",
     "nearest_distance",
-    "neighbors_to_edge_index",
-    "nn_distance",
     "symmetry_group",
 ]

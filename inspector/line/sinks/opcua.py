@@ -40,7 +40,7 @@ from asyncua.server.user_managers import UserManager
 
 from inspector.line.loopthread import LoopThreadServer
 from inspector.line.pipeline import LineVerdict
-from inspector.station.config import check_password
+from inspector.station.auth import check_password
 
 log = logging.getLogger(__name__)
 NAMESPACE = "urn:inspector:station"
@@ -69,7 +69,8 @@ class OpcUaSettings:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 4840
-    #: user name -> password (plain or "sha256:<hex>"); non-empty switches on Sign&Encrypt + login
+    #: user name -> stored password, as in the station's ``[users]`` (scrypt hash from `inspector
+    #: hash-password`, legacy "sha256:<hex>" or plain); non-empty switches on Sign&Encrypt + login
     users: dict[str, str] = field(default_factory=dict)
     #: server certificate and key (PEM or DER); generated self-signed when users are set and these are not
     certificate: str | None = None

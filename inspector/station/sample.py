@@ -1,39 +1,25 @@
-"""`inspector serve`: start the Gradio inspection station.
+"""The bundled sample product on a station: what ``inspector serve --sample`` (``make demo``) sets up.
 
-Safe defaults: listens on 127.0.0.1:7860 (this machine only); login, upload limit, allowed batch
-folders and queue size come from ``--config`` / ``$INSPECTOR_CONFIG`` and the environment (see
-:mod:`inspector.station.config`). ``--sample`` builds the bundled sample product ("brick", from
-scikit-image's texture; offline, seconds) and registers it (GraphCore on EfficientNet-Lite0 at
-256 px, 4 shots) unless it is already registered, and points the Live tab at a replay folder of
-its test images: that is what ``make demo`` runs. On a first start the page answers at once and
-shows the registration's progress (stage, fold i/n, time left) while it runs in the background.
+The sample dataset ("brick", from scikit-image's texture; offline, seconds) comes from
+:func:`inspector.data.samples.build_sample`. Here it becomes a registered product (GraphCore on
+EfficientNet-Lite0 at 256 px, 4 shots) and a camera replay folder that interleaves good parts and
+defects as a line would deliver them. On a first start the registration runs in a background
+thread (:func:`register_in_background`) so the page answers at once and shows its progress.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import threading
 import time
 from pathlib import Path
 
+from inspector.products.progress import StageProgress, StartupStatus
+
 SAMPLE_PRODUCT = "brick"
 SAMPLE_SHOTS = 4
 SAMPLE_SIZE = 256
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="start the inspection station (web UI)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sample", action="store_true",
-                   help=f"build and register the sample product {SAMPLE_PRODUCT!r} if missing, then serve")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all interfaces)")
-    p.add_argument("--port", type=int, help="port (default 7860)")
-    p.add_argument("--data-dir", type=Path, help="data directory (default $INSPECTOR_DATA or ./data)")
-    p.add_argument("--config", type=Path, help="station config file (TOML; default $INSPECTOR_CONFIG)")
-    p.add_argument("--camera", help="default camera source for the Live tab (index, URL or folder)")
-    p.set_defaults(func=run)
 
 
 def prepare_sample(station, *, backbone: str = "efficientnet-lite0", image_size: int = SAMPLE_SIZE,
@@ -46,7 +32,7 @@ def prepare_sample(station, *, backbone: str = "efficientnet-lite0", image_size:
     from inspector.data.samples import build_sample
 
     folder = Path(build_sample(SAMPLE_PRODUCT))
-    replay = _replay_folder(station, folder)
+    replay = replay_folder(station, folder)
     if register:
         register_sample(station, folder, backbone=backbone, image_size=image_size, shots=shots, log=log)
     return folder, replay
@@ -75,7 +61,9 @@ def register_sample(station, folder: Path, *, backbone: str = "efficientnet-lite
     return False
 
 
-def _replay_folder(station, folder: Path) -> Path:
+def replay_folder(station, folder: Path) -> Path:
+    """``<data dir>/camera-replay/<sample>``: the sample's test images, two good parts then one
+    defect, as a line would deliver them; made once (written beside it, then renamed)."""
     from inspector.io import list_images
 
     replay = Path(station.data_dir) / "camera-replay" / SAMPLE_PRODUCT
@@ -101,13 +89,13 @@ def _replay_folder(station, folder: Path) -> Path:
     return replay
 
 
-def _register_in_background(station, folder: Path, status) -> threading.Thread:
+def register_in_background(station, folder: Path, status: StartupStatus) -> threading.Thread:
     """First start: register the sample product in a thread while the page already answers; the
     page's banner shows ``status`` (stage, fold i/n, time left)."""
-    from app.station import StageProgress
 
     def work():
         t0 = time.perf_counter()
+
         def sink(frac: float, desc: str) -> None:
             status.update(f"First start: registering the sample product {SAMPLE_PRODUCT!r} (fit + calibration "
                           f"on {SAMPLE_SHOTS} shots) — {desc}", frac)
@@ -130,52 +118,5 @@ def _register_in_background(station, folder: Path, status) -> threading.Thread:
     return th
 
 
-def run(args: argparse.Namespace) -> int:
-    from inspector.station.config import StationConfig
-    from inspector.station.service import Station
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    cfg = StationConfig.load(args.config, host=args.host, port=args.port, data_dir=args.data_dir,
-                             camera=args.camera)
-    station = Station(cfg.data_dir)
-    cfg.data_dir = Path(station.data_dir)
-    from app.station import StartupStatus, StationApp
-
-    startup = StartupStatus()
-    if args.sample:
-        folder, replay = prepare_sample(station, register=False)
-        if not cfg.camera:
-            cfg.camera = str(replay)
-        cfg.allowed_batch_roots = [*cfg.allowed_batch_roots, folder]
-        startup.update(f"Checking the sample product {SAMPLE_PRODUCT!r}…" if station.registry.exists(SAMPLE_PRODUCT)
-                       else f"First start: registering the sample product {SAMPLE_PRODUCT!r}…", 0.0)
-        _register_in_background(station, folder, startup)
-    app = StationApp(station, cfg, startup=startup)
-    for w in cfg.warnings():
-        print(f"warning: {w}")
-    line = _start_line(station, cfg)  # [line] enabled = true: camera -> verdicts to the PLC, next to the UI
-    print(f"inspection station on http://{cfg.host}:{cfg.port}  (data: {station.data_dir}; Ctrl-C stops)")
-    try:
-        app.launch()
-    finally:
-        if line is not None:
-            line.stop()
-    return 0
-
-
-def _start_line(station, cfg):
-    if not cfg.line:
-        return None
-    from inspector.line.config import LineConfig
-
-    lc = LineConfig.from_dict(cfg.line)
-    if not lc.enabled:
-        return None
-    from inspector.line.runner import LineStation
-
-    line = LineStation(station, lc).start()
-    for msg in line.describe():
-        print(msg)
-    return line
+__all__ = ["SAMPLE_PRODUCT", "SAMPLE_SHOTS", "SAMPLE_SIZE", "prepare_sample", "register_in_background",
+           "register_sample", "replay_folder"]
