@@ -52,23 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from inspector import io as imio
-from inspector.batch.common import (
-    BatchProgress,
-    BatchSummary,
-    Loaded,
-    batch_id_for,
-    check_heatmaps,
-    decode_file,
-    error_row,
-    heatmap_dir,
-    iter_files,
-    load_file,
-    report_dir,
-    score_items,
-    scored_rows,
-    settle_heatmaps,
-    summarize,
-)
+from inspector.batch import common
 from inspector.eval.measure import peak_rss_mib
 from inspector.paths import decode_source, encode_source
 from inspector.verdict import ERROR
@@ -139,7 +123,7 @@ def read_file_list(source: str | os.PathLike, exclude: tuple[Path, ...] = ()):
     folder = Path(src).resolve()
     if not folder.is_dir():
         raise FileNotFoundError(f"batch source not found: {src} (a folder, a glob or a .csv/.parquet manifest)")
-    return folder, str(folder), _path_table(str(p) for p in iter_files(folder, exclude=exclude))
+    return folder, str(folder), _path_table(str(p) for p in common.iter_files(folder, exclude=exclude))
 
 
 def _path_table(paths):
@@ -160,7 +144,7 @@ def _drop_done(batch, done):
 # ----------------------------------------------------------------------------------------------
 # Decode tasks
 # ----------------------------------------------------------------------------------------------
-def _load_uri(uri: str, max_pixels, resize) -> Loaded:
+def _load_uri(uri: str, max_pixels, resize) -> common.Loaded:
     """``load_file`` for a non-local URI (read through pyarrow's filesystems)."""
     import pyarrow.fs as pafs
 
@@ -168,12 +152,12 @@ def _load_uri(uri: str, max_pixels, resize) -> Loaded:
         fs, p = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(p)
         if info.size is not None and info.size > imio.MAX_BYTES:
-            return Loaded(Path(p), None, None, f"file too large ({info.size} bytes > {imio.MAX_BYTES})")
+            return common.Loaded(Path(p), None, None, f"file too large ({info.size} bytes > {imio.MAX_BYTES})")
         with fs.open_input_stream(p) as f:
             data = f.read()
     except Exception as exc:
-        return Loaded(Path(uri), None, None, f"unreadable: {exc}")
-    return decode_file(Path(uri), data, uri, max_pixels, resize)
+        return common.Loaded(Path(uri), None, None, f"unreadable: {exc}")
+    return common.decode_file(Path(uri), data, uri, max_pixels, resize)
 
 
 def decode_batch(batch: dict, size: int, max_pixels: int | None, views: bool, roots: tuple[str, ...] | None = None
@@ -186,7 +170,7 @@ def decode_batch(batch: dict, size: int, max_pixels: int | None, views: bool, ro
     paths = [str(p) for p in batch["path"]]
     confine = None if roots is None else tuple(Path(r) for r in roots)
     items = [_load_uri(p, max_pixels, resize) if "://" in p
-             else load_file(Path(decode_source(p)), max_pixels, resize, confine) for p in paths]
+             else common.load_file(Path(decode_source(p)), max_pixels, resize, confine) for p in paths]
     blank = np.zeros((size, size, 3), np.uint8)
     no_view = np.zeros((1, 1, 3), np.uint8)
     return {
@@ -240,22 +224,22 @@ class Scorer:
             raise RayUnavailable(f"product {product} changed during the batch ({version} -> {self.prod.version})")
         self.registry.runtime(self.prod, runtime)  # the model, loaded once per actor
         self.runtime, self.batch_id, self.root, self.heatmaps = runtime, batch_id, Path(root), heatmaps
-        self.hm_dir = heatmap_dir(data_dir, batch_id)
+        self.hm_dir = common.heatmap_dir(data_dir, batch_id)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
-        items = [Loaded(Path(decode_source(str(p))), sha or None, img if not err else None, err or None, view)
+        items = [common.Loaded(Path(decode_source(str(p))), sha or None, img if not err else None, err or None, view)
                  for p, sha, err, img, view in zip(batch["path"], batch["sha256"], batch["error"], batch["image"],
                                                     batch["view"])]
         prod = self.prod
         good = [it for it in items if it.error is None]
-        scored = score_items(self.registry, prod, good, self.runtime) if good else []
+        scored = common.score_items(self.registry, prod, good, self.runtime) if good else []
         ok = {id(sc.item) for sc in scored}
-        rows = [error_row(prod.name, prod.version, decode_source(str(p)), it.error, image_sha256=it.sha256,
+        rows = [common.error_row(prod.name, prod.version, decode_source(str(p)), it.error, image_sha256=it.sha256,
                           batch_id=self.batch_id)
                 for p, it in zip(batch["path"], items) if id(it) not in ok]
-        good_rows, futs = scored_rows(prod, self.batch_id, scored, self.heatmaps, self.hm_dir, self.root)
-        settle_heatmaps(good_rows, futs)  # written here, in the actor
+        good_rows, futs = common.scored_rows(prod, self.batch_id, scored, self.heatmaps, self.hm_dir, self.root)
+        common.settle_heatmaps(good_rows, futs)  # written here, in the actor
         rows += good_rows
         self.store.upsert_batch_results(rows)  # commit point: after the heatmaps exist
         return results_table(rows, self.worker, peak_rss_mib(), encode=True)
@@ -335,7 +319,7 @@ def _fill_results(rows: list[dict], results_dir: Path, run_id: str) -> int:
 class _StorePoller:
     """Advances the progress bar from the store's row count (what is committed is what is done)."""
 
-    def __init__(self, store, batch_id: str, bar: BatchProgress, start: int, start_errors: int, every: float = 0.5):
+    def __init__(self, store, batch_id: str, bar: common.BatchProgress, start: int, start_errors: int, every: float = 0.5):
         self.store, self.batch_id, self.bar, self.every = store, batch_id, bar, every
         self.n, self.err = start, start_errors
         self._stop = threading.Event()
@@ -368,7 +352,7 @@ def run_batch_ray(source: str | os.PathLike, product, registry, store, out_dir: 
                   resume: bool = True, runtime: str = "torch", heatmaps: str = "all",
                   data_dir: str | os.PathLike | None = None, max_pixels: int | None = None,
                   on_progress=None, report: bool = True, init_kwargs: dict | None = None,
-                  roots: tuple[str | os.PathLike, ...] | None = None) -> BatchSummary:
+                  roots: tuple[str | os.PathLike, ...] | None = None) -> common.BatchSummary:
     """Score every file of ``source`` (folder, glob or manifest) on Ray; see the module docstring.
     Arguments as :func:`inspector.batch.local.run_batch`, plus the cluster ``address`` (None: a local
     Ray instance), the number of scoring actors ``workers`` and their GPU/CPU shares."""
@@ -377,7 +361,7 @@ def run_batch_ray(source: str | os.PathLike, product, registry, store, out_dir: 
 
     t_start = time.perf_counter()
     prod = registry.get(product) if isinstance(product, str) else product
-    check_heatmaps(heatmaps)
+    common.check_heatmaps(heatmaps)
     if registry.runtime(prod, runtime).mode == "mutual":  # loads here: unknown runtime, missing weights fail early
         raise RayUnavailable(f"{prod.name} is a {prod.detector} product: it scores a folder as a mutual set, "
                              "which runs on the local engine (--engine local)")
@@ -393,8 +377,8 @@ def run_batch_ray(source: str | os.PathLike, product, registry, store, out_dir: 
     if not (is_manifest(src) or is_glob(src)) and not Path(src).is_dir():
         raise FileNotFoundError(f"batch source not found: {src} (a folder, a glob or a .csv/.parquet manifest)")
     key = str(Path(src).resolve()) if not is_glob(src) else os.path.abspath(os.path.expanduser(src))
-    batch_id = batch_id_for(key, prod.name, prod.version, resume=resume)
-    out = report_dir(data_dir, batch_id, out_dir)
+    batch_id = common.batch_id_for(key, prod.name, prod.version, resume=resume)
+    out = common.report_dir(data_dir, batch_id, out_dir)
     root, _, files = read_file_list(src, exclude=(out, data_dir))
     files = files.materialize()
     n_files = files.count()
@@ -412,7 +396,7 @@ def run_batch_ray(source: str | os.PathLike, product, registry, store, out_dir: 
     results_dir = out / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    bar = BatchProgress(n_files, n_skipped, progress, f"{prod.name} {Path(key).name} (ray x{n_workers})", on_progress)
+    bar = common.BatchProgress(n_files, n_skipped, progress, f"{prod.name} {Path(key).name} (ray x{n_workers})", on_progress)
     poller = _StorePoller(store, batch_id, bar, n_before, err_before)
     try:
         if n_todo:
@@ -433,7 +417,7 @@ def run_batch_ray(source: str | os.PathLike, product, registry, store, out_dir: 
         bar.close()
     rows = store.history(batch_id=batch_id, limit=None)
     _fill_results(rows, results_dir, run_id)
-    return summarize(rows, prod, batch_id=batch_id, folder=root, out=out, n_files=n_files, n_skipped=n_skipped,
+    return common.summarize(rows, prod, batch_id=batch_id, folder=root, out=out, n_files=n_files, n_skipped=n_skipped,
                      n_new=len(rows) - n_before, t_start=t_start, report=report)
 
 

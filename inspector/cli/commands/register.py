@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from inspector.cli.commands._common import (
-    actor,
-    add_data_dir,
-    add_device,
-    expand_images,
-    fmt,
-    service_from_args,
-)
+from inspector.cli.commands import _common as common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replace", action="store_true", help="replace an existing product of this name")
     p.add_argument("--actor", default=None, help="who registers (audit trail; default: the OS user)")
     p.add_argument("--json", action="store_true", help="print the product as JSON")
-    add_data_dir(p)
-    add_device(p)
+    common.add_data_dir(p)
+    common.add_device(p)
     p.set_defaults(func=run)
 
 
@@ -51,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--config is not valid JSON: {exc}", EXIT_USAGE) from exc
     if args.n_synthetic < 0:
         raise CommandError("--n-synthetic must be >= 0", EXIT_USAGE)
-    images = [read_image(p) for p in expand_images(args.images)]
+    images = [read_image(p) for p in common.expand_images(args.images)]
     generator = None
     if args.generator and args.generator != "fallback":
         from inspector.synth import generator_path
@@ -62,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--generator {args.generator}: no trained generator at {path} "
                                f"(train one with `inspector synth train`)", EXIT_USAGE)
         generator = str(path)
-    st = service_from_args(args)
+    st = common.service_from_args(args)
     try:
         prod = st.registry.register(args.name, images, detector=args.detector, backbone=args.backbone,
-                                    actor=actor(args), n_synthetic=args.n_synthetic, seed=args.seed,
+                                    actor=common.actor(args), n_synthetic=args.n_synthetic, seed=args.seed,
                                     image_size=args.image_size, detector_config=cfg, replace=args.replace,
                                     generator=generator)
     except ProductExists as exc:
@@ -76,12 +69,12 @@ def run(args: argparse.Namespace) -> int:
     cal = prod.calibration
     print(f"registered {prod.name}: {prod.detector} on {prod.backbone} @ {prod.image_size}px, "
           f"{prod.shots} shot(s), version {prod.version}")
-    print(f"  held-out normal scores: {fmt(min(cal['normal_scores']))} .. {fmt(max(cal['normal_scores']))} "
+    print(f"  held-out normal scores: {common.fmt(min(cal['normal_scores']))} .. {common.fmt(max(cal['normal_scores']))} "
           f"({len(cal['normal_scores'])})")
     if cal["defect_scores"]:
-        print(f"  generated defect scores: {fmt(min(cal['defect_scores']))} .. {fmt(max(cal['defect_scores']))} "
+        print(f"  generated defect scores: {common.fmt(min(cal['defect_scores']))} .. {common.fmt(max(cal['defect_scores']))} "
               f"({len(cal['defect_scores'])})")
-    print(f"  thresholds: OK below {fmt(prod.thresholds.ok_below)}, NG at or above {fmt(prod.thresholds.ng_above)}")
+    print(f"  thresholds: OK below {common.fmt(prod.thresholds.ok_below)}, NG at or above {common.fmt(prod.thresholds.ng_above)}")
     g = prod.registration.get("generator") or {}
     if g:
         print(f"  defect generator: {g.get('kind')} {g.get('name')} (version {g.get('version')})")
