@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/anomalyclip_generated.py [--backbone clip/tiny] [--size 64] [--epochs 10]
 
-Training data: sample products built by :func:`inspector.data.samples.build_sample` (scikit-image
+Training data: sample products built by :func:`inspector.synth.samples.build_sample` (scikit-image
 textures + the weight-free defect generator, exact masks) with *training* seeds. Evaluation:
 the test split of the same recipe with *held-out* seeds (new crops, new defects), so no image is
 shared. Two settings:
@@ -29,10 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 from inspector.backbones.registry import load_backbone
-from inspector.data.samples import build_sample
 from inspector.detectors.anomalyclip.detector import AnomalyCLIP
 from inspector.detectors.anomalyclip.train import MaskedImages, scan_mvtec, train_prompts
 from inspector.eval.metrics import auroc, pixel_auroc
+from inspector.synth.samples import build_sample
 
 
 def evaluate(det: AnomalyCLIP, ds: MaskedImages) -> tuple[float, float]:

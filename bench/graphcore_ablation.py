@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         write_tables(saved["table"], saved["meta"], args.md)
         return 0
     from inspector.backbones.registry import load_backbone
-    from inspector.data.samples import build_sample
     from inspector.detectors.graphcore.detector import GraphCore, PatchCoreKNN
     from inspector.eval.data import draw_shots, find_classes, load_test_set
     from inspector.io import read_image
+    from inspector.synth.samples import build_sample
 
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     bb = load_backbone("efficientnet-lite0", device=args.device, image_size=args.size)

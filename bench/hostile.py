@@ -11,7 +11,7 @@
   down to 8000x8000 pixels, so the probe itself stays affordable on a shared machine.
 * **Batch**: ``inspector batch`` over 10 bombs (two per format) + 1 good image vs over the good
   image alone, peak RSS of each CLI process.
-* **Login**: 12 wrong passwords for one user through :class:`inspector.station.auth.LoginGuard` (the
+* **Login**: 12 wrong passwords for one user through :class:`inspector.security.passwords.LoginGuard` (the
   station's ``auth``): how many were checked before the lockout, time per scrypt check.
 
 Writes ``bench/out/hostile.json`` and ``bench/HOSTILE.md``.
@@ -140,7 +140,7 @@ def batch(tmp: Path) -> dict:
 
 
 def login() -> dict:
-    from inspector.station.auth import LoginGuard, hash_password
+    from inspector.security.passwords import LoginGuard, hash_password
 
     checked = []
     g = LoginGuard({"bob": hash_password("right")}, max_failures=5, lockout_s=300,

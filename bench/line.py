@@ -64,10 +64,10 @@ def main() -> int:
     from inspector.cameras.camera import Camera
     from inspector.cameras.fakecam import fake_camera
     from inspector.cameras.genicam import GenICamSettings, GenICamSource
-    from inspector.data.samples import build_sample
     from inspector.io import list_images, read_image
     from inspector.line.pipeline import LinePipeline, VerdictLog, latency_stats
     from inspector.station.service import StationService
+    from inspector.synth.samples import build_sample
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from rich.console import Console
 
-    from inspector.data.samples import build_sample
     from inspector.eval.data import find_classes
     from inspector.eval.runner import EvalConfig, evaluate, resolve_device
     from inspector.eval.tables import rich_table
+    from inspector.synth.samples import build_sample
 
     console = Console(width=None if sys.stdout.isatty() else 240)
     device = resolve_device(args.device)

@@ -6,7 +6,7 @@
 "Real" defects per product:
 
 * ``textile``: real *local* defects of the simulated textile set (``conformal-clip-data``), with
-  masks estimated by :func:`inspector.data.samples.estimate_local_mask` (the source has none). A few
+  masks estimated by :func:`inspector.synth.samples.estimate_local_mask` (the source has none). A few
   (``--train``) train the diffusion generator; the others are the reference set.
 * ``brick``: the product's own test defects. They are made by the weight-free generator, so for
   ``fallback`` this is a sanity row (same distribution), and for ``diffusion`` it measures how
@@ -102,7 +102,8 @@ def load_pairs(root: Path) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.
 
 
 def get_diffusion(name: str, train_pairs, args, log):
-    from inspector.synth.diffusion import DefectGen, DefectGenConfig
+    from inspector.synth.diffusion.generator import DefectGen
+    from inspector.synth.diffusion.model import DefectGenConfig
 
     path = Path(args.model_dir) / name
     cfg = DefectGenConfig.for_device(args.device, train_steps=args.train_steps, seed=args.seed)
@@ -171,8 +172,8 @@ def main() -> int:
     from sklearn.decomposition import PCA
 
     from inspector.backbones.registry import load_backbone
-    from inspector.data.samples import build_sample, textile_local_defects
     from inspector.synth import generate_defects, make_defect
+    from inspector.synth.samples import build_sample, textile_local_defects
 
     console = Console(width=150)
     log = console.print

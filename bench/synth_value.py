@@ -123,8 +123,8 @@ class Both:
 def load_product(name: str, shots: int):
     """Shots, real test normals, real defects ``{type: [(img, mask or None)]}``."""
     from inspector.data.mvtec import read_mask, read_mvtec
-    from inspector.data.samples import build_sample, estimate_local_mask
     from inspector.io import read_image
+    from inspector.synth.samples import build_sample, estimate_local_mask
 
     info = read_mvtec(build_sample(name))
     train = [read_image(p) for p in info.train_good]
@@ -146,8 +146,9 @@ def load_product(name: str, shots: int):
 def get_diffusion(args, log):
     """The textile generator in ``models/synth/<name>``: reused when it matches, else trained
     (same code path as ``inspector synth train``; resumable checkpoint)."""
-    from inspector.data.samples import textile_local_defects
-    from inspector.synth.diffusion import DefectGen, DefectGenConfig
+    from inspector.synth.diffusion.generator import DefectGen
+    from inspector.synth.diffusion.model import DefectGenConfig
+    from inspector.synth.samples import textile_local_defects
 
     path = Path(args.model_dir) / args.model_name
     pairs = textile_local_defects(args.train, seed=args.seed)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from safetensors.torch import load_file, save
 from torch import Tensor
 
@@ -31,6 +32,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def bytes_sha256(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def array_sha256(rgb: np.ndarray) -> str:
+    """Content id of an image array: its bytes and its shape (names a shot file; identifies an
+    array handed to the station, which has no file bytes to hash)."""
+    return bytes_sha256(np.ascontiguousarray(rgb).tobytes() + str(rgb.shape).encode())
 
 
 def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -74,5 +81,5 @@ def load_state(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, 
     return tensors, config
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "bytes_sha256", "file_sha256", "load_state", "safetensors_bytes",
+__all__ = ["array_sha256", "atomic_write_bytes", "atomic_write_json", "bytes_sha256", "file_sha256", "load_state", "safetensors_bytes",
            "save_state"]

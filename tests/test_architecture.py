@@ -15,6 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MAX_TOP_LEVEL_MODULES = 8
 
+#: The stages, lowest first: a module may import its own stage and the ones before it, never a
+#: later one. ``core`` is the top-level modules of ``inspector/`` (verdict, io, paths, state, ...).
+LAYERS = ("core", "security", "data", "backbones", "synth", "detectors", "deploy", "products", "eval",
+          "cameras", "batch", "line", "station", "cli", "app")
+
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -109,6 +114,37 @@ def test_function_level_imports_are_edges(tmp_path):
 def test_no_import_cycles():
     cycles = _cycles(_graph())
     assert not cycles, "import cycles (imports inside functions count):\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def _stage(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] == "app":
+        return "app"
+    if len(parts) == 1 or (ROOT / "inspector" / f"{parts[1]}.py").is_file():
+        return "core"
+    return parts[1]
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    rank = {stage: i for i, stage in enumerate(LAYERS)}
+    return sorted(f"{m} ({_stage(m)}) imports {t} ({_stage(t)})" for m, ts in graph.items() for t in ts
+                  if m != "inspector.__main__" and rank[_stage(t)] > rank[_stage(m)])
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert _upward_imports({"inspector.line.runner": {"inspector.station.service"}})
+    assert not _upward_imports({"inspector.station.service": {"inspector.line.runner", "inspector.io"}})
+
+
+def test_every_package_has_a_stage():
+    stages = {_stage(m) for m in _modules()}
+    assert stages <= set(LAYERS), stages - set(LAYERS)
+
+
+def test_no_stage_imports_a_later_one():
+    """Packages form layers (the data flow), not only an acyclic module graph."""
+    upward = _upward_imports(_graph())
+    assert not upward, "imports of a later stage:\n" + "\n".join(upward)
 
 
 def test_the_library_never_imports_the_ui():

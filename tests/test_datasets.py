@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from inspector.data.mvtec import folder_kwargs, read_mvtec
-from inspector.data.samples import PRODUCTS, build_sample
+from inspector.synth.samples import PRODUCTS, build_sample
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_textile_classification_folder(built):
 
 
 def test_textile_local_defects_have_estimated_masks(built):
-    from inspector.data.samples import estimate_local_mask, textile_local_defects
+    from inspector.synth.samples import estimate_local_mask, textile_local_defects
 
     _, out, _ = built
     pairs = textile_local_defects(6, size=256)
@@ -170,7 +170,7 @@ def test_mask_rule_is_one_rule(tmp_path):
     diffusion generator's data and the writer all go through it."""
     from inspector.data import mvtec
     from inspector.eval import data as eval_data
-    from inspector.synth.diffusion import load_defect_images
+    from inspector.synth.diffusion.data import load_defect_images
 
     a = np.array([[0, 1, 127, 128, 255]] * 8, np.uint8)
     np.testing.assert_array_equal(mvtec.binarize_mask(a), a > 0)

@@ -399,7 +399,7 @@ def served(station, tmp_path_factory):
     from conftest import free_port
 
     from app.shell import StationApp
-    from inspector.station.auth import hash_password
+    from inspector.security.passwords import hash_password
     from inspector.station.config import StationConfig
 
     tmp = tmp_path_factory.mktemp("served")
@@ -525,7 +525,7 @@ def test_login_is_rate_limited_locked_out_and_audited(served, station):
 
 
 def test_login_guard_lockout_expires_doubles_and_hashes_are_salted():
-    from inspector.station.auth import LoginGuard, check_password, hash_password
+    from inspector.security.passwords import LoginGuard, check_password, hash_password
 
     now = [1000.0]
     events = []

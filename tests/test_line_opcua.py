@@ -11,7 +11,7 @@ from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
 from inspector.line.pipeline import LineVerdict
 from inspector.line.sinks.opcua import NAMESPACE, OpcUaSettings, StationOpcUaServer, make_self_signed
-from inspector.station.auth import hash_password
+from inspector.security.passwords import hash_password
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,7 +14,7 @@ from _line_fakecam import fake_camera
 from _line_station import make_station
 
 from inspector.line.config import LineConfig
-from inspector.station.auth import hash_password
+from inspector.security.passwords import hash_password
 from inspector.station.config import ConfigError, StationConfig
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]

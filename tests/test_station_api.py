@@ -11,7 +11,7 @@ import pytest
 from conftest import free_port, random_crops
 
 from inspector.io import write_image
-from inspector.station.auth import check_password, hash_password
+from inspector.security.passwords import check_password, hash_password
 from inspector.station.config import StationConfig
 
 PRODUCT = "brick-api"

@@ -149,7 +149,8 @@ def tiny_gen(images):
     """A tiny two-stage generator trained for a few seconds on fallback defects of brick."""
     import torch
 
-    from inspector.synth.diffusion import DefectGen, DefectGenConfig
+    from inspector.synth.diffusion.generator import DefectGen
+    from inspector.synth.diffusion.model import DefectGenConfig
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contention on CI)
@@ -174,7 +175,8 @@ def test_diffusion_training_lowers_loss(tiny_gen):
 def test_diffusion_two_stage_receptive_fields():
     import torch
 
-    from inspector.synth.diffusion import DefectGen, DefectGenConfig, receptive_field
+    from inspector.synth.diffusion.generator import DefectGen
+    from inspector.synth.diffusion.model import DefectGenConfig, receptive_field
 
     torch.manual_seed(0)
     gen = DefectGen(DefectGenConfig(), device="cpu")
@@ -218,7 +220,7 @@ def test_diffusion_falls_back_when_mask_empty(tiny_gen, images):
 
 
 def test_diffusion_save_load_round_trip(tiny_gen, images, tmp_path):
-    from inspector.synth.diffusion import DefectGen
+    from inspector.synth.diffusion.generator import DefectGen
 
     gen, _, _ = tiny_gen
     path = gen.save(tmp_path / "model")
@@ -298,7 +300,8 @@ def test_mvtec_writer_accepted_by_anomalib_mvtecad(tmp_path, images):
 
 
 def test_diffusion_working_scale_fits_defects_in_a_patch():
-    from inspector.synth.diffusion import DefectGenConfig, _fit_scale
+    from inspector.synth.diffusion.data import _fit_scale
+    from inspector.synth.diffusion.model import DefectGenConfig
 
     img = np.zeros((256, 256, 3), np.uint8)
     big = np.zeros((256, 256), bool)
@@ -398,7 +401,8 @@ def disc_gen():
     defect it really learns, so its samples pass the mask-vs-change check."""
     import torch
 
-    from inspector.synth.diffusion import DefectGen, DefectGenConfig
+    from inspector.synth.diffusion.generator import DefectGen
+    from inspector.synth.diffusion.model import DefectGenConfig
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -412,7 +416,7 @@ def disc_gen():
 def _raw_ious(gen, n: int = 12) -> list[float]:
     import torch
 
-    from inspector.synth.diffusion import changed_pixels, mask_iou
+    from inspector.synth.diffusion.checks import changed_pixels, mask_iou
 
     p = gen.config.patch
     rng = np.random.default_rng(4)
@@ -434,7 +438,8 @@ def test_trained_generator_makes_diffusion_defects_untrained_does_not(disc_gen):
     model's mask channel agrees with where it changed the image (median IoU above 0.6, the
     acceptance threshold is 0.55) and most of its samples are accepted as diffusion defects;
     an untrained model's samples (noise over the whole region, mask on part of it) are not."""
-    from inspector.synth.diffusion import DefectGen, DefectGenConfig
+    from inspector.synth.diffusion.generator import DefectGen
+    from inspector.synth.diffusion.model import DefectGenConfig
 
     normals = [_flat(100 + i) for i in range(8)]
     ious = _raw_ious(disc_gen)
@@ -479,7 +484,7 @@ def test_sample_rejected_when_mask_channel_disagrees_with_change(disc_gen):
 
 
 def test_changed_pixels_and_iou_against_brute_force():
-    from inspector.synth.diffusion import changed_pixels, mask_iou
+    from inspector.synth.diffusion.checks import changed_pixels, mask_iou
 
     rng = np.random.default_rng(0)
     for _ in range(5):
@@ -512,7 +517,8 @@ def test_diffusion_severity_sets_size_and_contrast(disc_gen):
 def test_training_resumes_exactly_from_checkpoint(tmp_path, images):
     import torch
 
-    from inspector.synth.diffusion import DefectGen, DefectGenConfig
+    from inspector.synth.diffusion.generator import DefectGen
+    from inspector.synth.diffusion.model import DefectGenConfig
 
     ims, ms = _disc_defects(3)
     cfg = lambda: DefectGenConfig.tiny(train_steps=10)  # noqa: E731
@@ -549,9 +555,9 @@ def test_training_resumes_exactly_from_checkpoint(tmp_path, images):
 
 
 def test_estimated_masks_match_the_textile_estimator():
-    from inspector.data.samples import textile_local_defects
-    from inspector.synth.diffusion import mask_iou
+    from inspector.synth.diffusion.checks import mask_iou
     from inspector.synth.estimate import estimate_mask_self
+    from inspector.synth.samples import textile_local_defects
 
     pairs = textile_local_defects(6)
     ious = [mask_iou(estimate_mask_self(img), m) for img, m in pairs]
@@ -561,7 +567,7 @@ def test_estimated_masks_match_the_textile_estimator():
 
 def test_cli_train_without_masks_estimates_them(tmp_path, capsys):
     from inspector.cli.main import main
-    from inspector.data.samples import textile_local_defects
+    from inspector.synth.samples import textile_local_defects
 
     folder = tmp_path / "defects"
     folder.mkdir()

@@ -45,12 +45,6 @@ class RuntimeUnavailable(InspectorError, RuntimeError):
     """The requested inference runtime (e.g. ``onnx``) cannot serve this product here."""
 
 
-def array_sha256(rgb: np.ndarray) -> str:
-    """Content id of an image array: its bytes and its shape (names a shot file; identifies an
-    array handed to the station, which has no file bytes to hash)."""
-    return bytes_sha256(np.ascontiguousarray(rgb).tobytes() + str(rgb.shape).encode())
-
-
 def canonical_json(obj: Any) -> bytes:
     """Key-sorted, compact JSON: the bytes hashed into versions and model hashes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
@@ -148,5 +142,5 @@ class Product:
         }
 
 
-__all__ = ["FORMAT", "Product", "ProductExists", "ProductNotFound", "RuntimeUnavailable", "array_sha256",
+__all__ = ["FORMAT", "Product", "ProductExists", "ProductNotFound", "RuntimeUnavailable",
            "canonical_json", "product_version"]

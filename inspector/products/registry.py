@@ -54,13 +54,18 @@ from inspector.products.product import (
     ProductExists,
     ProductNotFound,
     RuntimeUnavailable,
-    array_sha256,
     canonical_json,
     product_version,
 )
 from inspector.products.progress import Progress, report_progress
 from inspector.products.runtime import OnnxAdapter, TorchRuntime
-from inspector.state import atomic_write_bytes, atomic_write_json, bytes_sha256, safetensors_bytes
+from inspector.state import (
+    array_sha256,
+    atomic_write_bytes,
+    atomic_write_json,
+    bytes_sha256,
+    safetensors_bytes,
+)
 from inspector.verdict import Thresholds, calibrate
 
 log = logging.getLogger(__name__)

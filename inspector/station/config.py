@@ -54,7 +54,7 @@ from typing import Any
 
 from inspector.errors import InspectorError
 from inspector.paths import within
-from inspector.station.auth import LoginGuard, is_weak_entry
+from inspector.security.passwords import LoginGuard, is_weak_entry
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -170,7 +170,7 @@ class StationConfig:
             return False
 
     def auth(self, audit=None, clock=None):
-        """A Gradio ``auth`` callable (a rate-limited :class:`~inspector.station.auth.LoginGuard`), or
+        """A Gradio ``auth`` callable (a rate-limited :class:`~inspector.security.passwords.LoginGuard`), or
         ``None`` when no users are configured. ``audit(user, reason, details)`` gets each failure."""
         if not self.users:
             return None

@@ -1,7 +1,7 @@
 """The bundled sample product on a station: what ``inspector serve --sample`` (``make demo``) sets up.
 
 The sample dataset ("brick", from scikit-image's texture; offline, seconds) comes from
-:func:`inspector.data.samples.build_sample`. Here it becomes a registered product (GraphCore on
+:func:`inspector.synth.samples.build_sample`. Here it becomes a registered product (GraphCore on
 EfficientNet-Lite0 at 256 px, 4 shots) and a camera replay folder that interleaves good parts and
 defects as a line would deliver them. On a first start the registration runs in a background
 thread (:func:`register_in_background`) so the page answers at once and shows its progress.
@@ -29,7 +29,7 @@ def prepare_sample(station, *, backbone: str = "efficientnet-lite0", image_size:
 
     Returns ``(dataset folder, replay folder)``.
     """
-    from inspector.data.samples import build_sample
+    from inspector.synth.samples import build_sample
 
     folder = Path(build_sample(SAMPLE_PRODUCT))
     replay = replay_folder(station, folder)

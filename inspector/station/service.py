@@ -24,9 +24,8 @@ from inspector import paths
 from inspector.batch.common import error_row
 from inspector.io import ImageError, read_file_bytes, read_image
 from inspector.products.heatmap import MAX_SIDE, overlay, save_png
-from inspector.products.product import array_sha256
 from inspector.products.registry import ProductRegistry
-from inspector.state import bytes_sha256
+from inspector.state import array_sha256, bytes_sha256
 from inspector.station.store import Store
 from inspector.verdict import Thresholds, Verdict
 
@@ -133,7 +132,7 @@ class StationService:
 
 def _content_sha256(data) -> str | None:
     """The sha256 recorded for what :meth:`StationService.inspect` was given: of the bytes (a file's
-    bytes, read once), or of an array's content (:func:`inspector.products.product.array_sha256`)."""
+    bytes, read once), or of an array's content (:func:`inspector.state.array_sha256`)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes_sha256(data)
     if isinstance(data, np.ndarray):

@@ -4,6 +4,7 @@
 * :mod:`.diffusion` -- Defect-Gen style diffusion generator (Defect Spectrum, ECCV 2024): a small
   diffusion model trained on a few defect images generates image + mask jointly, inpainted into
   normal images.
+* :mod:`.samples` -- the bundled sample products: real texture photographs plus generated defects.
 * Products are written as MVTec-layout folders by :mod:`inspector.data.mvtec` (``train/good``,
   ``test/<type>``, ``ground_truth``).
 
@@ -36,7 +37,7 @@ def _resolve(generator: Any) -> Any:
     if isinstance(generator, str) and generator in KINDS:
         return lambda img, rng, severity=None, kind=generator: make_defect(img, rng, kind=kind, severity=severity)
     if isinstance(generator, (str, os.PathLike)):
-        from inspector.synth.diffusion import DefectGen  # a path to a trained model
+        from inspector.synth.diffusion.generator import DefectGen  # a path to a trained model
 
         return DefectGen.load(generator_path(generator))
     if hasattr(generator, "make_defects") or hasattr(generator, "make_defect"):
@@ -53,7 +54,7 @@ def generate_defects(normal_images: Sequence[np.ndarray], n: int,
     """Make ``n`` defective images from ``normal_images`` (RGB uint8 arrays, cycled at random).
 
     ``generator``: ``None``/``"fallback"`` (random fallback kind), one of :data:`KINDS`, a trained
-    :class:`~inspector.synth.diffusion.DefectGen` (or its saved folder), or any callable
+    :class:`~inspector.synth.diffusion.generator.DefectGen` (or its saved folder), or any callable
     ``(rgb, rng) -> (rgb, mask)`` (called with ``severity=`` when it accepts it).
     ``severity``: a float in [0, 1] (0 barely visible, 1 obvious), one per defect, or None:
     spread across [0, 1] (stratified, :func:`~inspector.synth.severity.draw_severities`).
@@ -146,7 +147,7 @@ def generator_path(generator: str | os.PathLike) -> Path:
 def list_generators(root: str | os.PathLike | None = None) -> list[Path]:
     """Trained diffusion generators (folders with ``defectgen.json``) under ``root``
     (default :func:`synth_models_dir`), sorted by name."""
-    from inspector.synth.diffusion import CONFIG_NAME
+    from inspector.synth.diffusion.generator import CONFIG_NAME
 
     root = Path(root) if root is not None else synth_models_dir()
     if not root.is_dir():
@@ -162,7 +163,7 @@ def describe_generator(generator: Any) -> dict:
         return {"kind": "fallback", "name": generator if generator in KINDS else "fallback",
                 "version": fallback_version(), "path": None}
     if isinstance(generator, (str, os.PathLike)):
-        from inspector.synth.diffusion import DefectGen
+        from inspector.synth.diffusion.generator import DefectGen
 
         generator = DefectGen.load(generator_path(generator), device="cpu")
     if hasattr(generator, "version") and hasattr(generator, "config"):

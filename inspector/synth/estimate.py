@@ -3,7 +3,7 @@
 :func:`estimate_mask_self` uses the image alone: robust z-scores (median / MAD over the image) of
 the local mean and of the local high-frequency energy (residual from a 5x5 median filter); the
 defect is the connected region around the strongest departure from the rest of the image.
-Generalises the textile estimator (:func:`inspector.data.samples.estimate_local_mask`, energy only)
+Generalises the textile estimator (:func:`inspector.synth.samples.estimate_local_mask`, energy only)
 to stains and colour changes; on 12 real textile local defects the two agree at IoU 0.59-0.81.
 (A kNN-map estimator against normal shots was tried and dropped: on the textile its peaks did not
 clear the held-out normal maximum, so it found no mask at all.)

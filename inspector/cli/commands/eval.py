@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def resolve_data(spec: str) -> Path:
     if spec.startswith("sample:"):
-        from inspector.data.samples import build_sample
+        from inspector.synth.samples import build_sample
 
         return build_sample(spec.split(":", 1)[1])
     return Path(spec)

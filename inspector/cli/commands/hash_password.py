@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from inspector.errors import CommandError
-    from inspector.station.auth import hash_password
+    from inspector.security.passwords import hash_password
 
     if sys.stdin.isatty():
         pw = getpass.getpass("password: ")

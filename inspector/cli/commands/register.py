@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     generator = None
     if args.generator and args.generator != "fallback":
         from inspector.synth import generator_path
-        from inspector.synth.diffusion import CONFIG_NAME
+        from inspector.synth.diffusion.generator import CONFIG_NAME
 
         path = generator_path(args.generator)
         if not (path / CONFIG_NAME).is_file():

@@ -67,7 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from inspector.backbones.base import default_device
     from inspector.errors import CommandError
-    from inspector.synth.diffusion import DefectGen, DefectGenConfig, load_defect_pairs
+    from inspector.synth.diffusion.data import load_defect_pairs
+    from inspector.synth.diffusion.generator import DefectGen
+    from inspector.synth.diffusion.model import DefectGenConfig
 
     device = args.device or default_device()
     report: dict = {}
@@ -145,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     paths = _normal_paths(args.normal)
     if args.model:
-        from inspector.synth.diffusion import DefectGen
+        from inspector.synth.diffusion.generator import DefectGen
 
         generator = DefectGen.load(args.model, device=args.device)
         if args.switch_t is not None:
@@ -165,7 +167,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_product(args: argparse.Namespace) -> int:
-    from inspector.data.samples import PRODUCTS, build_sample
+    from inspector.synth.samples import PRODUCTS, build_sample
 
     names = list(PRODUCTS) if "all" in args.name else args.name
     for n in names:

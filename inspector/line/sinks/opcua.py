@@ -40,7 +40,7 @@ from asyncua.server.user_managers import UserManager
 
 from inspector.line.loopthread import LoopThreadServer
 from inspector.line.pipeline import LineVerdict
-from inspector.station.auth import check_password
+from inspector.security.passwords import check_password
 
 log = logging.getLogger(__name__)
 NAMESPACE = "urn:inspector:station"

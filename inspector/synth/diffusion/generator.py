@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -50,244 +49,16 @@ import numpy as np
 import torch
 
 from inspector.backbones.base import default_device
+from inspector.synth.diffusion.checks import _drop_specks, _fill_holes, changed_pixels, mask_iou
+from inspector.synth.diffusion.data import _fit_scale, _PatchSampler, _to_rgb
+from inspector.synth.diffusion.model import DefectGenConfig, _unet
+from inspector.synth.diffusion.train import _fit_key, _load_checkpoint, _save_checkpoint, _warmup_cosine
 from inspector.synth.fallback import enforce_change
 from inspector.synth.fallback import make_defect as fallback_defect
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "defectgen.json"
 
-
-@dataclass
-class DefectGenConfig:
-    """Everything needed to rebuild, train and sample a :class:`DefectGen`."""
-
-    patch: int = 64                       #: training / generation patch side (pixels)
-    image_size: int | None = 256          #: defect images are resized to this short side (None: as-is)
-    large_channels: tuple[int, ...] = (16, 32, 32, 64)    #: 3 down-samplings + mid attention
-    small_channels: tuple[int, ...] = (16, 32)            #: 1 down-sampling, no attention
-    layers_per_block: int = 1
-    norm_groups: int = 8
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"   #: cosine, as Defect-Gen
-    prediction_type: str = "sample"       #: x0, as Defect-Gen ("epsilon", "v_prediction" also work)
-    #: the small (texture) model's own target. x0 regression is the mean, i.e. blurred texture;
-    #: v keeps the high-frequency detail (on the textile: residual energy 25.7 in the generated
-    #: defects vs 26.7 real, 5.6 with x0). None = same as ``prediction_type``.
-    small_prediction_type: str | None = "v_prediction"
-    eta: float = 0.0                      #: DDIM eta (0 deterministic given the noise, 1 ancestral)
-    switch_t: int = 400                   #: large model for t >= switch_t, small model below
-    overlap: float = 0.25                 #: each model also trains this fraction past the switch
-    train_steps: int = 800                #: optimisation steps per model
-    batch_size: int = 8
-    lr: float = 3e-4
-    defect_crop_prob: float = 0.9         #: crops centred on defect pixels vs anywhere
-    mask_weight: float = 2.0              #: loss weight of the mask channel
-    sample_steps: int = 40                #: DDIM steps at generation
-    resample: int = 2                     #: RePaint resampling per step (1 = none)
-    region: tuple[float, float] = (0.28, 0.45)  #: generated-region ellipse radii, fraction of patch
-    min_pixels: int = 12                  #: smallest accepted defect (pixels of the patch)
-    mask_smooth: float = 1.0              #: Gaussian sigma (px) on the mask channel before thresholding
-    auto_scale: bool = True               #: lower image_size at fit time so most defects fit a patch
-    retries: int = 3                      #: new noise before falling back
-    #: a sample is rejected when its mask channel and the pixels it changed (local mean/energy
-    #: difference to the normal crop, see :func:`changed_pixels`) overlap with IoU below this.
-    #: Measured on a tiny model: untrained samples 0.41-0.52 (noise everywhere in the region, mask
-    #: on half of it), trained ones mostly 0.6-0.85.
-    min_mask_iou: float = 0.55
-    gray: bool = False                    #: training images were gray -> gray output
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DefectGenConfig:
-        names = {f.name: f for f in fields(cls)}
-        kw = {}
-        for k, v in d.items():
-            if k in names:
-                kw[k] = tuple(v) if isinstance(v, list) else v
-        return cls(**kw)
-
-    @classmethod
-    def for_device(cls, device: str | torch.device | None = None, **kw) -> DefectGenConfig:
-        """CPU: the defaults (minutes). CUDA: wider UNets, bigger batches, longer training."""
-        dev = torch.device(device or default_device())
-        base: dict = {}
-        if dev.type == "cuda":
-            base = dict(large_channels=(64, 128, 192, 256), small_channels=(64, 128), norm_groups=16,
-                        batch_size=32, train_steps=4000, lr=2e-4, sample_steps=50)
-        base.update(kw)
-        return cls(**base)
-
-    @classmethod
-    def tiny(cls, **kw) -> DefectGenConfig:
-        """Seconds on a CPU: for tests."""
-        base = dict(patch=32, image_size=None, large_channels=(8, 16, 16), small_channels=(8, 16),
-                    norm_groups=4, train_steps=30, batch_size=8, sample_steps=8, resample=1,
-                    min_pixels=2, lr=1e-3)
-        base.update(kw)
-        return cls(**base)
-
-
-def _unet(cfg: DefectGenConfig, large: bool):
-    from diffusers import UNet2DModel
-
-    ch = tuple(cfg.large_channels if large else cfg.small_channels)
-    n = len(ch)
-    return UNet2DModel(
-        sample_size=cfg.patch, in_channels=4, out_channels=4, block_out_channels=ch,
-        down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
-        layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_groups,
-        add_attention=large, attention_head_dim=max(8, ch[-1] // 4),
-        num_train_timesteps=cfg.num_train_timesteps,
-    )
-
-
-def _fit_scale(images, masks, cfg: DefectGenConfig) -> int | None:
-    """Working short side at which 90 % of the defects' bounding boxes fit in 0.6 x patch
-    (never above ``cfg.image_size``, never below the patch). Large defects -> train and generate
-    at a lower resolution, i.e. a larger field of view per patch."""
-    ratios = []
-    for img, m in zip(images, masks):
-        ys, xs = np.nonzero(np.asarray(m))
-        if len(ys):
-            ratios.append(max(np.ptp(ys) + 1, np.ptp(xs) + 1) / min(img.shape[:2]))
-    if not ratios:
-        return cfg.image_size
-    r = float(np.percentile(ratios, 90))
-    short = min(min(i.shape[:2]) for i in images)
-    cap = cfg.image_size or short
-    return int(max(cfg.patch, min(cap, round(0.6 * cfg.patch / max(r, 1e-6)))))
-
-
-# --------------------------------------------------------------------------------------- data
-
-def _to_rgb(img: np.ndarray) -> np.ndarray:
-    a = np.asarray(img)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    return a[..., :3].astype(np.uint8)
-
-
-def _resize_pair(img: np.ndarray, mask: np.ndarray, short: int | None, patch: int):
-    h, w = img.shape[:2]
-    target = short if short else min(h, w)
-    target = max(target, patch)
-    if min(h, w) != target:
-        s = target / min(h, w)
-        size = (max(patch, round(w * s)), max(patch, round(h * s)))
-        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
-        mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-    return img, mask > 0
-
-
-def load_defect_images(defects: str | os.PathLike, masks: str | os.PathLike | None = None,
-                       types: Sequence[str] | None = None):
-    """``[(rgb, mask bool or None)]`` and the normal images' paths.
-
-    ``defects``: an MVTec-layout folder (``test/<type>`` for every type but ``good``, or only
-    ``types``; masks from ``ground_truth/<type>`` where present; normals from ``train/good``) or a
-    plain folder of defect images with masks in ``masks`` (``<stem>_mask.<suffix>`` /
-    ``<stem>.<suffix>``, as :func:`inspector.data.mvtec.find_mask`; an image without one gets None).
-    Masks are binarised by :func:`inspector.data.mvtec.read_mask`, at the image's size."""
-    from inspector.data.mvtec import find_masks, is_class_dir, list_class_images, read_mask, read_mvtec
-    from inspector.io import read_image
-
-    root = Path(defects)
-    pairs: list[tuple[Path, Path | None]] = []
-    normals: list[Path] = []
-    if masks is None and is_class_dir(root):
-        info = read_mvtec(root)
-        normals = list(info.train_good)
-        chosen = list(types) if types else info.defect_types
-        unknown = [t for t in chosen if t not in info.defect_types]
-        if unknown:
-            raise FileNotFoundError(f"{root}: no defect type {unknown} (has {info.defect_types})")
-        for t in chosen:
-            ms = info.masks.get(t) or [None] * len(info.defects[t])
-            pairs += list(zip(info.defects[t], ms))
-    else:
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: not a folder")
-        mdir = Path(masks) if masks else None
-        imgs = list_class_images(root)
-        pairs = list(zip(imgs, find_masks(mdir, imgs) if mdir else [None] * len(imgs)))
-    if not pairs:
-        raise FileNotFoundError(f"{root}: no defect images")
-    out = []
-    for ip, mp in pairs:
-        img = read_image(ip)
-        out.append((img, None if mp is None else read_mask(mp, img.shape[:2])))
-    return out, normals
-
-
-def load_defect_pairs(defects: str | os.PathLike, masks: str | os.PathLike | None = None, *,
-                      types: Sequence[str] | None = None, report: dict | None = None):
-    """``[(rgb, mask bool)]`` for training: given masks where there are any, estimated masks
-    (:func:`inspector.synth.estimate.estimate_mask_self`) for the rest; images whose mask is
-    empty are dropped. ``report`` (a dict) receives the counts ``given``, ``estimated``,
-    ``dropped_empty``."""
-    from inspector.synth.estimate import estimate_masks
-
-    items, _ = load_defect_images(defects, masks, types)
-    missing = [i for i, (_, m) in enumerate(items) if m is None]
-    if missing:
-        est = estimate_masks([items[i][0] for i in missing])
-        for i, m in zip(missing, est):
-            items[i] = (items[i][0], m)
-    out = [(img, m) for img, m in items if m is not None and m.any()]
-    if report is not None:
-        report.update(given=len(items) - len(missing), estimated=len(missing), dropped_empty=len(items) - len(out))
-    if not out:
-        raise FileNotFoundError(f"{defects}: no defect image with a non-empty (given or estimated) mask")
-    return out
-
-
-class _PatchSampler:
-    """Random 4-channel crops (RGB [-1,1] + mask {-1,1}), centred on defects with jitter."""
-
-    def __init__(self, images, masks, cfg: DefectGenConfig, device):
-        self.cfg, self.device = cfg, device
-        self.data, self.coords = [], []
-        for img, m in zip(images, masks):
-            img, m = _resize_pair(_to_rgb(img), np.asarray(m), cfg.image_size, cfg.patch)
-            t = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1
-            mm = torch.from_numpy(m.astype(np.float32))[None] * 2 - 1
-            self.data.append(torch.cat([t, mm]).to(device))
-            self.coords.append(np.argwhere(m))
-
-    def __call__(self, n: int, rng: np.random.Generator) -> torch.Tensor:
-        p = self.cfg.patch
-        out = []
-        for _ in range(n):
-            i = int(rng.integers(len(self.data)))
-            x = self.data[i]
-            h, w = x.shape[1:]
-            c = self.coords[i]
-            if len(c) and rng.random() < self.cfg.defect_crop_prob:
-                cy, cx = c[int(rng.integers(len(c)))]
-                cy += int(rng.integers(-p // 4, p // 4 + 1))
-                cx += int(rng.integers(-p // 4, p // 4 + 1))
-                y0 = int(np.clip(cy - p // 2, 0, h - p))
-                x0 = int(np.clip(cx - p // 2, 0, w - p))
-            else:
-                y0, x0 = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
-            crop = x[:, y0:y0 + p, x0:x0 + p]
-            k = int(rng.integers(4))
-            if k:
-                crop = torch.rot90(crop, k, dims=(1, 2))
-            if rng.random() < 0.5:
-                crop = torch.flip(crop, dims=(2,))
-            out.append(crop)
-        return torch.stack(out)
-
-
-# --------------------------------------------------------------------------------------- model
 
 class DefectGen:
     """Two-stage joint image+mask diffusion defect generator. See the module docstring."""
@@ -672,122 +443,12 @@ class DefectGen:
         return gen
 
 
-def _fit_key(cfg: DefectGenConfig, steps: int, images, masks) -> str:
-    """Identity of a training run: config, step count and the training data."""
-    import hashlib
-
-    h = hashlib.sha256(json.dumps({**cfg.to_dict(), "steps": steps}, sort_keys=True).encode())
-    for i, m in zip(images, masks):
-        h.update(np.ascontiguousarray(i).tobytes())
-        h.update(np.packbits(np.asarray(m, bool)).tobytes())
-    return h.hexdigest()
-
-
-def _save_checkpoint(path: Path, key: str, stage: str, step: int, gen: DefectGen, opt, lr_sched,
-                     rng: np.random.Generator, g: torch.Generator, history: dict) -> None:
-    """Atomic write (tmp + rename) of everything needed to resume exactly."""
-    state = {"key": key, "stage": stage, "step": step,
-             "models": {"large": gen.large.state_dict(), "small": gen.small.state_dict()},
-             "opt": opt.state_dict(), "lr": lr_sched.state_dict(),
-             "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": g.get_state(), "history": history}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, key: str, device) -> dict | None:
-    """The checkpoint's state when it belongs to this run (same config and data), else None."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)  # tensors and plain data only
-    except Exception:  # noqa: BLE001 - a torn or foreign file: start over
-        return None
-    return state if state.get("key") == key else None
-
-
-def _warmup_cosine(steps: int):
-    warm = max(1, min(50, steps // 10))
-
-    def f(i: int) -> float:
-        if i < warm:
-            return (i + 1) / warm
-        # a plain float: numpy scalars in the optimiser state would not load with weights_only=True
-        return float(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, (i - warm) / max(1, steps - warm)))))
-
-    return f
-
-
 class _null:
     def __enter__(self):
         return self
 
     def __exit__(self, *a):
         return False
-
-
-def _fill_holes(m: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import binary_fill_holes
-
-    return binary_fill_holes(m)
-
-
-def changed_pixels(generated: np.ndarray, normal: np.ndarray, region: np.ndarray | None = None,
-                   *, sigma: float = 1.5, floor: float = 8.0) -> np.ndarray:
-    """Where ``generated`` (HxWx3, 0-255) differs from ``normal`` as a *defect*, not as a re-drawn
-    texture: per pixel, the larger of the local-mean difference and the local-contrast
-    (standard deviation) difference, Gaussian windows of ``sigma``, largest channel; thresholded by
-    Otsu inside ``region`` but never below ``floor`` grey levels. A regenerated but normal
-    texture changes every pixel and neither local statistic, so it does not count as changed.
-    The window widens the changed set by ~``sigma`` px at the edge, so IoU against a small defect
-    is biased low (a 12 px square scores ~0.7-0.9, 6 px ~0.4): the check is strict on tiny defects."""
-    a = np.asarray(generated, np.float32)
-    b = np.asarray(normal, np.float32)
-
-    def stats(x):
-        mu = cv2.GaussianBlur(x, (0, 0), sigma)
-        var = cv2.GaussianBlur(x * x, (0, 0), sigma) - mu * mu
-        return mu, np.sqrt(np.maximum(var, 0))
-
-    (ma, sa), (mb, sb) = stats(a), stats(b)
-    d = np.maximum(np.abs(ma - mb), np.abs(sa - sb))
-    d = d.max(axis=2) if d.ndim == 3 else d
-    inside = np.ones(d.shape, bool) if region is None else np.asarray(region, bool)
-    if not inside.any():
-        return np.zeros(d.shape, bool)
-    vals = np.clip(d[inside], 0, 255).astype(np.uint8)
-    otsu, _ = cv2.threshold(vals.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return (d > max(float(otsu), floor)) & inside
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two boolean masks (0 when both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    union = int((a | b).sum())
-    return float((a & b).sum()) / union if union else 0.0
-
-
-def _drop_specks(m: np.ndarray, min_size: int) -> np.ndarray:
-    n, lab, st, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
-    keep = np.zeros(n, bool)
-    keep[1:] = st[1:, cv2.CC_STAT_AREA] >= min_size
-    return keep[lab]
-
-
-def receptive_field(model, size: int = 64, t: int = 500, rel: float = 1e-2) -> int:
-    """Effective receptive field (pixels, side) of a UNet at the centre output pixel: the span of
-    inputs whose gradient exceeds ``rel`` x the largest (GroupNorm statistics couple every pixel
-    weakly, so the strict, non-zero-gradient field is always the whole input)."""
-    x = torch.zeros(1, 4, size, size, requires_grad=True, device=next(model.parameters()).device)
-    out = model(x, torch.tensor([t], device=x.device)).sample
-    out[0, :, size // 2, size // 2].sum().backward()
-    a = x.grad[0].abs().sum(0)
-    g = a > rel * a.max()
-    ys, xs = torch.nonzero(g, as_tuple=True)
-    if len(ys) == 0:
-        return 0
-    return int(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1)
 
 
 def train_defectgen(images, masks, config: DefectGenConfig | None = None, *, device=None,
@@ -798,5 +459,4 @@ def train_defectgen(images, masks, config: DefectGenConfig | None = None, *, dev
     return gen
 
 
-__all__ = ["DefectGen", "DefectGenConfig", "changed_pixels", "load_defect_images", "load_defect_pairs", "mask_iou",
-           "receptive_field", "train_defectgen"]
+__all__ = ["CONFIG_NAME", "DefectGen", "train_defectgen"]
