@@ -52,7 +52,7 @@ def batch_id_for(key: str | os.PathLike, product: str, version: str, resume: boo
     """The batch id of ``key`` (a folder, a glob or a manifest) scored by one product version: the
     same for every run, so a rerun resumes it; ``resume=False`` gives a new batch (a random suffix)."""
     key = f"{Path(key).resolve()}\0{product}\0{version}"
-    batch_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+    batch_id = bytes_sha256(key.encode())[:16]
     return batch_id if resume else f"{batch_id}-{uuid.uuid4().hex[:8]}"
 
 
