@@ -31,6 +31,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from inspector.io import IMAGE_SUFFIXES, ImageError, list_images, read_file_bytes, read_image
+
 ImageLike = np.ndarray | str | os.PathLike
 
 
@@ -41,8 +43,6 @@ def _write_png(path: Path, img: ImageLike) -> None:
         if src.suffix.lower() == ".png":
             shutil.copyfile(src, path)
             return
-        from inspector.io import read_image
-
         img = read_image(src)
     a = np.asarray(img)
     if a.dtype != np.uint8:
@@ -73,8 +73,6 @@ def read_mask(path: str | os.PathLike | None, size: tuple[int, int] | None = Non
     nearest neighbour when given; ``path=None`` gives an all-False mask of ``size`` (the known,
     empty mask of a good image). Any image format :func:`inspector.io.read_file_bytes` reads;
     an undecodable file raises :class:`inspector.io.ImageError`."""
-    from inspector.io import ImageError, read_file_bytes
-
     if path is None:
         if size is None:
             raise ValueError("read_mask(None) needs a size")
@@ -115,8 +113,6 @@ def find_class_dirs(root: str | os.PathLike) -> list[Path]:
 def _mask_index(gt_dir: Path) -> dict[str, Path]:
     """``{file stem: path}`` of the image files in ``gt_dir``; where two files share a stem, the
     suffix listed first in ``IMAGE_SUFFIXES`` wins (``.png`` before ``.bmp``)."""
-    from inspector.io import IMAGE_SUFFIXES, list_images
-
     if not gt_dir.is_dir():
         return {}
     rank = {s: i for i, s in enumerate(IMAGE_SUFFIXES)}
@@ -199,8 +195,6 @@ class MVTecFolder:
 
 def list_class_images(d: str | os.PathLike) -> list[Path]:
     """The image files directly in ``d`` (e.g. ``train/good``), sorted; ``[]`` when ``d`` is absent."""
-    from inspector.io import list_images
-
     return list_images(d, recursive=False) if Path(d).is_dir() else []
 
 

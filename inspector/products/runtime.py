@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import torch
 
-from inspector.detectors.base import AnomalyResult, capabilities_of
+from inspector.detectors.base import AnomalyResult
 from inspector.products.product import RuntimeUnavailable
 
 
@@ -31,7 +31,6 @@ class TorchRuntime:
         self.backbone = backbone
         self.detector = detector
         self.mode = mode
-        self.mutual = capabilities_of(detector).batchwise  # offers extract + score_features
         self.lock = threading.Lock()
         self.ref_x = backbone.preprocess(ref_images) if mode == "mutual" and ref_images else None
         self._refs = None
@@ -47,7 +46,7 @@ class TorchRuntime:
     @torch.inference_mode()
     def extract(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Backbone features ``{layer: [B,h,w,C]}`` (CPU) and image-level features (or None)."""
-        if self.mutual:
+        if self.mode == "mutual":  # a mutual detector offers extract + score_features
             feats, glob = self.detector.extract(x)
         else:
             feats, glob = self.backbone.embed(x), None
@@ -65,7 +64,7 @@ class TorchRuntime:
     def score_set(self, feats: dict[str, torch.Tensor], glob: torch.Tensor | None = None, with_refs: bool = True):
         """Mutual scoring of a set of extracted images (plus the reference shots, which are
         scored too and dropped): results for ``feats``' images only."""
-        if not self.mutual:
+        if self.mode != "mutual":
             raise RuntimeUnavailable(f"{self.detector.name} cannot score a feature set (not a mutual detector)")
         rf, rg = self.refs() if with_refs else ({}, None)
         n_ref = next(iter(rf.values())).shape[0] if rf else 0
