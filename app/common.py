@@ -73,3 +73,16 @@ def _generator_choice(choice: str | None):
 
 def _score(r: dict) -> str:
     return "-" if r.get("score") is None else f"{float(r['score']):.4g}"
+
+
+def reason_refusal(verdict: str | None, decision: str, reason: str | None) -> str | None:
+    """The sentence shown when a decision lacks a required reason code, else None: the store's
+    own rule (:func:`inspector.station.store.check_reason`: accepting a part the detector called NG
+    needs a reason), said on screen before anything is recorded."""
+    from inspector.station.store import check_reason
+
+    try:
+        check_reason(verdict, decision, reason)
+    except ValueError as exc:
+        return f"Not recorded: {exc}. Choose one under Reason, then accept again."
+    return None

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = StationConfig.load(args.config, host=args.host, port=args.port, data_dir=args.data_dir,
                              camera=args.camera)
-    station = StationService(cfg.data_dir)
+    station = StationService(cfg.data_dir, evidence_max_gb=cfg.evidence_max_gb)
     cfg.data_dir = Path(station.data_dir)
     from app.shell import StationApp
 

@@ -1,8 +1,9 @@
 """The station's web UI: a shell over one :class:`~inspector.station.service.StationService`.
 
 Tabs, in page order: Inspect (operators: one part, verdict, accept / reject), Review (the queue of
-UNCERTAIN inspections), Live (camera), Register (engineers: a new product; calibration and
-thresholds), Batch, Synthesize, History. Each tab is a mixin in :mod:`app.tabs` holding its
+UNCERTAIN or NG inspections, with a mask brush), Live (camera), Register (engineers: a new product;
+calibration and thresholds), Learning (engineers: evidence, candidate versions, shadow, promote),
+Batch, Synthesize, History. Each tab is a mixin in :mod:`app.tabs` holding its
 handlers (``on_*``), its layout and its events; this shell holds what they share (the station,
 config, camera pool, model lock, product lists, start-up banner) and builds, launches and closes
 the Blocks. Every handler is a few lines that call the library and format its answer; scoring,
@@ -35,6 +36,7 @@ from app.tabs.batch import BatchTab
 from app.tabs.calibrate import CalibrateTab
 from app.tabs.history import HistoryTab
 from app.tabs.inspect import InspectTab
+from app.tabs.learning import LearningTab
 from app.tabs.live import LiveRun, LiveTab
 from app.tabs.register import RegisterTab
 from app.tabs.review import ReviewTab
@@ -45,7 +47,8 @@ from inspector.products.progress import StartupStatus
 from inspector.station.config import StationConfig
 
 
-class StationApp(InspectTab, ReviewTab, LiveTab, RegisterTab, CalibrateTab, BatchTab, SynthesizeTab, HistoryTab):
+class StationApp(InspectTab, ReviewTab, LiveTab, RegisterTab, CalibrateTab, LearningTab, BatchTab, SynthesizeTab,
+                 HistoryTab):
     """Holds the station, its config, the camera pool and the model lock; builds the Blocks."""
 
     def __init__(self, station, config: StationConfig | None = None, pool: CameraPool | None = None,
@@ -164,6 +167,7 @@ class StationApp(InspectTab, ReviewTab, LiveTab, RegisterTab, CalibrateTab, Batc
                 self.layout_review(ui, names, first)
                 self.layout_live(ui, names, first)
                 self.layout_register(ui, names, first)
+                self.layout_learning(ui, names, first)
                 self.layout_batch(ui, names, first)
                 self.layout_synthesize(ui, names, first)
                 self.layout_history(ui, names, first)
@@ -174,6 +178,7 @@ class StationApp(InspectTab, ReviewTab, LiveTab, RegisterTab, CalibrateTab, Batc
             self.events_live(ui)
             self.events_register(ui)
             self.events_calibrate(ui)
+            self.events_learning(ui)
             self.events_batch(ui)
             self.events_synthesize(ui)
             self.events_history(ui)

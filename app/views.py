@@ -64,6 +64,21 @@ CSS = """
 .startup {padding: 10px 14px; border-radius: 10px; background: #dbeafe; color: #1e3a8a; font-weight: 600}
 .startup.done {display: none}
 .startup.failed {background: #fee2e2; color: #7f1d1d}
+.evidence-counts, .shadow-tally .tally {display: grid; grid-template-columns: repeat(2, 1fr); gap: 8px}
+.shadow-tally .tally {grid-template-columns: repeat(4, 1fr)}
+.evidence-counts div, .shadow-tally .tally div {border-radius: 10px; padding: 10px 4px; text-align: center;
+  font-size: .85rem; font-weight: 600}
+.evidence-counts .c-ok {background: #dcfce7; color: #14532d} .evidence-counts .c-ng {background: #fee2e2; color: #7f1d1d}
+.shadow-tally .tally div {background: var(--block-background-fill); border: 1px solid var(--border-color-primary)}
+.evidence-counts b, .shadow-tally .tally b {display: block; font-size: 1.7rem; font-variant-numeric: tabular-nums}
+.evidence-per-version {font-size: .9rem} .evidence-per-version td, .evidence-per-version th {padding: 2px 8px}
+#learning-status {min-height: 110px; font-size: 1rem}
+#learning-status .progress-bar-wrap {width: 92% !important; height: 18px !important; border-radius: 6px}
+#learning-status .progress-level-inner {font-size: .95rem !important; font-family: inherit !important;
+  font-weight: 600}
+#learning-confirm {border: 2px solid #b45309; border-radius: 10px; padding: 8px; background: #fffbeb}
+#learning-active {padding: 8px 12px; border-radius: 8px; background: #dbeafe; color: #1e3a8a; font-weight: 600}
+.reason-required {padding: 8px 10px; border-radius: 8px; background: #fee2e2; color: #7f1d1d; font-weight: 600}
 """
 
 #: Keyboard shortcuts (A accept, R reject, N next, Esc cancel): they click the visible button with
@@ -479,3 +494,205 @@ def mask_outline(rgb: np.ndarray, mask: np.ndarray, colour=(230, 30, 30)) -> np.
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, colour, max(1, round(max(out.shape[:2]) / 250)))
     return out
+
+
+# ---- the Learning tab: evidence, candidate versions, shadow ------------------------------------------------------
+
+#: names of GraphCore's optional parts as an engineer reads them
+OPTIONAL_PARTS = {"head": "learned head", "global_branch": "global branch", "views": "augmented views"}
+
+
+def _rate(x) -> str:
+    return "-" if x is None else f"{100 * float(x):.1f} %"
+
+
+def _auroc(x) -> str:
+    return "-" if x is None or not np.isfinite(float(x)) else f"{float(x):.3f}"
+
+
+def _label_counts(d: dict | None) -> tuple[int, int]:
+    """(normal, defect) from a counts dict (``{"normal": n, "defect": m}``, any missing key 0)."""
+    d = d or {}
+    return int(d.get("normal", 0) or 0), int(d.get("defect", 0) or 0)
+
+
+BEFORE_AFTER_COLUMNS = ["measure (cross-validated on the evidence)", "active version (before)", "candidate (after)",
+                        "change"]
+
+
+def before_after_frame(table: dict | None) -> pd.DataFrame:
+    """The candidate's before/after table: image AUROC, false alarms at the OK threshold, missed
+    defects at the NG threshold, each for the active version and the candidate, with the change in
+    words (which way is better differs per row)."""
+    if not table:
+        return pd.DataFrame([], columns=BEFORE_AFTER_COLUMNS)
+    before, after = table.get("before") or {}, table.get("after") or {}
+    rows = []
+    for name, key, fmt, higher_better in (("image AUROC", "auroc", _auroc, True),
+                                          ("false-alarm rate at the OK threshold", "false_alarm_rate", _rate, False),
+                                          ("missed defects at the NG threshold", "missed_rate", _rate, False)):
+        b, a = before.get(key), after.get(key)
+        change = ""
+        if b is not None and a is not None and np.isfinite(float(a)) and np.isfinite(float(b)):
+            d = float(a) - float(b)
+            size = f"{d:+.3f}" if key == "auroc" else f"{100 * d:+.1f} pts"
+            better = d > 0 if higher_better else d < 0
+            change = "no change" if abs(d) < 1e-9 else f"{size} ({'better' if better else 'worse'})"
+        rows.append([name, fmt(b), fmt(a), change])
+    for name, key in (("confirmed normals scored", "n_normal"), ("confirmed defects scored", "n_defect")):
+        b, a = before.get(key), after.get(key)
+        rows.append([name, "-" if b is None else str(int(b)), "-" if a is None else str(int(a)), ""])
+    return pd.DataFrame(rows, columns=BEFORE_AFTER_COLUMNS)
+
+
+def _no_autolink(text: str) -> str:
+    """Markdown text in which ``head@0.5`` stays text (an ``@`` between words reads as an e-mail
+    address to the Markdown renderer, which would make it a mailto link)."""
+    return html.escape(text, quote=False).replace("@", "&#64;")
+
+
+def selection_markdown(sel: dict | None, detector: str | None = None) -> str:
+    """GraphCore's selection decision in words: which optional parts the product's own real
+    evidence switched on, on how much evidence, by which rule, and the cross-validated numbers of
+    every configuration it compared."""
+    if not sel:
+        if detector and not str(detector).startswith("graphcore"):
+            return f"**Optional parts:** none to choose: the {detector} detector has no optional parts."
+        return ("**Optional parts:** no selection decision is recorded for this version (it was built before "
+                "the decision was written); it scores with the configuration it was fitted with.")
+    enabled = sel.get("enabled") or {}
+
+    def part(k: str) -> str:
+        name = OPTIONAL_PARTS.get(k, k)
+        return f"{name} ({int(sel['views'])} per shot)" if k == "views" and int(sel.get("views") or 0) > 1 else name
+
+    on = [part(k) for k, v in enabled.items() if v]
+    off = [part(k) for k, v in enabled.items() if not v]
+    ev = sel.get("evidence") or {}
+    n = int(ev.get("normals", ev.get("normal", 0)) or 0)
+    m = int(ev.get("defects", ev.get("defect", 0)) or 0)
+    need_d, need_n = int(sel.get("min_defects") or 0), int(sel.get("min_normals") or 0)
+    lines = []
+    if on:
+        lines.append(f"**Switched on by this product's real evidence:** {', '.join(on)}.")
+    else:
+        lines.append("**Nothing optional is switched on:** the memory bank of the shots"
+                     + (" and the confirmed normals" if n else "") + " scores alone.")
+    if off:
+        lines.append(f"Kept off: {', '.join(off)}.")
+    text = f"Decided on {n} confirmed normal(s) and {m} confirmed defect(s)"
+    if (m < need_d or n < need_n) and not sel.get("reason"):  # the detector's reason says it otherwise
+        need = f"{need_d} confirmed defects" + (f" and {need_n} confirmed normals" if need_n else "")
+        text += f": fewer than the {need} needed before anything optional is tried"
+    lines.append(text + ".")
+    if sel.get("reason"):
+        lines.append(f"Why: {_no_autolink(str(sel['reason']).rstrip('.'))}.")
+    if sel.get("rule"):
+        lines.append(f"Rule: {str(sel['rule']).rstrip('.')}.")
+    out = "  \n".join(lines)
+    cands = sel.get("candidates") or []
+    if cands:
+        rows = ["| configuration | AUROC | separation |", "|---|---|---|"]
+        for c in cands:
+            sep = c.get("separation")
+            rows.append(f"| {_no_autolink(str(c.get('name', '?')))} | {_auroc(c.get('auroc'))} | "
+                        f"{'-' if sep is None else f'{float(sep):.3g}'} |")
+        out += ("\n\nCross-validated on the product's evidence (confirmed normals left out of the bank, "
+                "confirmed defects in folds):\n\n" + "\n".join(rows))
+    weights = {k: v for k, v in (sel.get("weights") or {}).items() if enabled.get(k) and v is not None}
+    if weights:
+        out += "\n\nWeights: " + ", ".join(
+            f"{OPTIONAL_PARTS.get(k, k)} {float(v):.3g}" if isinstance(v, (int, float)) else f"{OPTIONAL_PARTS.get(k, k)} {v}"
+            for k, v in weights.items())
+    return out
+
+
+VERSION_COLUMNS = ["version", "state", "created (UTC)", "action", "by", "parent", "evidence", "AUROC after"]
+
+
+def versions_frame(versions: Iterable[dict]) -> pd.DataFrame:
+    """The product's versions, newest first: which is active, which runs in shadow, what built it."""
+    data = []
+    for v in versions:
+        n, m = _label_counts(v.get("evidence"))
+        state = "ACTIVE" if v.get("active") else ("shadow" if v.get("shadow") else "")
+        after = ((v.get("table") or {}).get("after") or {}).get("auroc")
+        data.append([v.get("version"), state, _when(v.get("created"))[:19], v.get("action") or "",
+                     v.get("actor") or "", v.get("parent") or "", f"{n} normal / {m} defect" if (n or m) else "",
+                     _auroc(after) if after is not None else ""])
+    return pd.DataFrame(data, columns=VERSION_COLUMNS)
+
+
+def evidence_html(summary: dict | None, active: str | None = None) -> str:
+    """Evidence counts for the Learning tab: since the active version (what a candidate would add)
+    as large figures, then the counts per version that made the verdicts."""
+    summary = summary or {}
+    tn, tm = _label_counts(summary.get("labels"))
+    since = summary.get("since_active")
+    n, m = _label_counts(since) if isinstance(since, dict) else (tn, tm)
+    active = active or summary.get("active_version")
+    out = (f'<div class="evidence-counts" data-normal="{n}" data-defect="{m}">'
+           f'<div class="c-ok"><b>{n}</b>confirmed normals</div><div class="c-ng"><b>{m}</b>confirmed defects</div>'
+           "</div>")
+    what = f"since the active version <code>{html.escape(str(active))}</code>" if active else "so far"
+    out += f'<p class="note">Evidence {what}; {tn} normal(s) and {tm} defect(s) in all'
+    if summary.get("with_mask"):
+        out += f", {int(summary['with_mask'])} defect(s) with a painted mask"
+    out += ".</p>"
+    if summary.get("images_missing"):
+        out += (f'<p class="verdict-error">{int(summary["images_missing"])} decided part(s) have no kept image '
+                "(rolled over before the decision): a build skips them.</p>")
+    need = int(summary.get("min_defects") or 0)
+    if need and tm < need:
+        out += (f'<p class="note">Fewer than {need} confirmed defects: a candidate learns from the confirmed '
+                "normals only; no optional detector part can be switched on yet.</p>")
+    per = summary.get("per_version") or summary.get("by_version") or {}
+    if isinstance(per, list):
+        per = {str(r.get("version")): r for r in per}
+    if per:
+        rows = "".join(f"<tr><td><code>{html.escape(str(ver))}</code></td><td>{_label_counts(c)[0]}</td>"
+                       f"<td>{_label_counts(c)[1]}</td></tr>" for ver, c in per.items())
+        out += ('<table class="evidence-per-version"><tr><th>verdict made by version</th><th>normals</th>'
+                f"<th>defects</th></tr>{rows}</table>")
+    return out
+
+
+def shadow_html(tally: dict | None) -> str:
+    """The shadow candidate's running tally: what it scored, dropped, and how its verdicts fared
+    against the operators' later decisions."""
+    if not tally or not tally.get("version"):
+        return '<div class="shadow-tally note" data-version="">No version runs in shadow.</div>'
+    ver = html.escape(str(tally["version"]))
+    cells = [("scored", tally.get("scored", 0)), ("dropped", tally.get("dropped", 0)),
+             ("agree", tally.get("agree", 0)), ("disagree", tally.get("disagree", 0)),
+             ("false alarms avoided", tally.get("false_alarms_avoided", 0)),
+             ("false alarms added", tally.get("false_alarms_added", 0)),
+             ("defects missed", tally.get("defects_missed", 0)),
+             ("defects caught", tally.get("defects_caught", 0))]
+    body = "".join(f'<div data-k="{html.escape(k)}"><b>{int(v or 0)}</b>{html.escape(k)}</div>' for k, v in cells)
+    decided = int(tally.get("decided", 0) or 0)
+    settled = (f"Settled by the operators' decisions on {decided} part(s): candidate right "
+               f"{int(tally.get('candidate_right', 0) or 0)}, active version right "
+               f"{int(tally.get('active_right', 0) or 0)}." if decided else
+               "No scored part has an operator decision yet: nothing settles who is right.")
+    if tally.get("pending"):
+        settled += f" {int(tally['pending'])} part(s) wait for the candidate."
+    cost = ("Each part is scored twice while a shadow runs; parts the shadow cannot keep up with are dropped "
+            "(counted), never slowing the line or changing a verdict.")
+    return (f'<div class="shadow-tally" data-version="{ver}"><p>Version <code>{ver}</code> runs in shadow.</p>'
+            f'<div class="tally">{body}</div><p>{settled}</p><p class="note">{cost}</p></div>')
+
+
+DISAGREEMENT_COLUMNS = ["id", "time (UTC)", "source", "active", "candidate", "operator decided"]
+
+
+def disagreements_frame(rows: Iterable[dict]) -> pd.DataFrame:
+    """Inspections where the shadow candidate's verdict differs from the active version's."""
+    data = []
+    for r in rows:
+        def _v(verdict, score):
+            return f"{verdict or '-'} ({_fmt(score)})" if score is not None else str(verdict or "-")
+        data.append([r.get("inspection_id", r.get("id")), _when(r.get("created_at"))[:19],
+                     _short(r.get("source"), 40), _v(r.get("verdict"), r.get("score")),
+                     _v(r.get("shadow_verdict"), r.get("shadow_score")), r.get("decision") or ""])
+    return pd.DataFrame(data, columns=DISAGREEMENT_COLUMNS)

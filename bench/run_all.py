@@ -17,8 +17,9 @@ local/global defects + masked synthetic ones), with the default backbone (Effici
   stock wide_resnet50_2 configuration, and ``anomalib-winclip`` (zero-shot WinCLIP), which both need
   a weight download (a row says so offline).
 
-``--graphcore-ablation [ARGS]`` runs ``bench/graphcore_ablation.py`` instead (GraphCore's
-ablation table on brick/gravel/grass/textile, k = 1/2/4/8; writes ``bench/GRAPHCORE.md``).
+``--graphcore-ablation [ARGS]`` runs ``bench/graphcore_ablation.py`` instead (what each optional
+GraphCore part buys on brick/gravel/grass/textile when confirmed evidence of one defect family
+meets test defects of another; writes ``bench/GRAPHCORE.md``).
 
 Prints one table, writes ``bench/out/results.json`` (every run, the summary, the machine),
 ``bench/out/plots/`` (ROC/PR curves and example heatmaps) and ``bench/RESULTS.md`` (the table and
@@ -60,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--graphcore-ablation", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
-                   help="instead of the table: run bench/graphcore_ablation.py with ARGS (PatchCore, augmented "
-                        "PatchCore, anomalib PatchCore, GraphCore with/without head and global branch, orientation "
-                        "free/fixed; writes bench/GRAPHCORE.md)")
+                   help="instead of the table: run bench/graphcore_ablation.py with ARGS (PatchCore with and "
+                        "without confirmed normals, augmented PatchCore, anomalib PatchCore, GraphCore's defaults, "
+                        "its selection rule on confirmed evidence, each optional part forced on; writes "
+                        "bench/GRAPHCORE.md)")
     p.add_argument("--from-json", metavar="FILE", default=None,
                    help="re-render the table and RESULTS.md from a results.json of an earlier run (no compute)")
     args = p.parse_args(argv)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+from conftest import deadline
 
 from inspector.cameras import fakecam
 
@@ -22,5 +23,5 @@ def require_genicam():
 @contextlib.contextmanager
 def fake_camera():
     require_genicam()
-    with fakecam.fake_camera() as cam:
+    with fakecam.fake_camera(timeout=deadline(30)) as cam:  # waits for its GVCP port to be bound
         yield cam

@@ -11,6 +11,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import socket  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -20,6 +22,48 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
+
+# ---- deadlines -------------------------------------------------------------------------------
+# Every wait in the tests is a wait on a condition, bounded by a deadline made here. The seconds a
+# test passes are already generous for a machine at several times its core count in load (a
+# deadline only costs time when the test is failing anyway); INSPECTOR_TEST_SLOWDOWN multiplies
+# them all for slower or busier machines (`make test-busy` sets it). Sleeps that are the thing
+# under test (a quiet window in which nothing may happen, a pace) need no scaling: load can only
+# make such a window hold more easily, never fail it; they say so where they stand.
+SLOWDOWN = float(os.environ.get("INSPECTOR_TEST_SLOWDOWN") or 1)
+if not SLOWDOWN >= 1:
+    raise ValueError(f"INSPECTOR_TEST_SLOWDOWN must be a number >= 1, not {SLOWDOWN!r}")
+
+
+def deadline(seconds: float) -> float:
+    """The time limit of a wait that takes well under ``seconds`` on a busy machine, scaled by
+    INSPECTOR_TEST_SLOWDOWN. Use for every timeout a test gives (subprocess, join, client, queue)."""
+    return seconds * SLOWDOWN
+
+
+def timeout_mark(seconds: float):
+    """``pytest.mark.timeout`` (pytest-timeout's hard stop for a hung test) at ``deadline(seconds)``:
+    scaled like the waits it encloses, so it never fires before them."""
+    return pytest.mark.timeout(deadline(seconds))
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str | Callable[[], str], step: float = 0.02):
+    """Poll ``condition()`` every ``step`` s until it returns something truthy, and return that.
+    Fails the test, saying ``what`` was awaited and for how long, when it is still falsy after
+    ``deadline(timeout)`` s (``timeout`` is the unscaled figure, like ``deadline``'s argument).
+    ``what`` may be a callable returning the message (e.g. to show the state at the time)."""
+    limit = deadline(timeout)
+    t0 = time.monotonic()
+    while True:
+        out = condition()
+        if out:
+            return out
+        waited = time.monotonic() - t0
+        if waited >= limit:
+            msg = what() if callable(what) else what
+            pytest.fail(f"timed out after {waited:.1f} s waiting for {msg} "
+                        f"(deadline {timeout:g} s x INSPECTOR_TEST_SLOWDOWN {SLOWDOWN:g})")
+        time.sleep(step)
 
 
 @pytest.fixture(scope="session")
@@ -104,21 +148,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_after_rows(proc, watcher, batch_id: str, rows: int, timeout: float) -> int:
+def kill_after_rows(proc, watcher, batch_id: str, rows: int, timeout: float, *,
+                    started: Callable[[], object] | None = None, start_timeout: float = 300) -> int:
     """SIGKILL a running batch process (``subprocess.Popen`` with stderr piped) once ``watcher``
     (a Store) counts ``rows`` results of ``batch_id``; returns the process's exit code. Fails the
-    test if the batch ends first or no rows appear in ``timeout`` s."""
+    test if the batch ends first, or if ``rows`` rows take longer than ``timeout`` s (scaled by
+    ``deadline``). ``started`` is the batch's own readiness signal where its start-up is long and
+    load-dependent (Ray: its scoring actor is up): awaited first, for up to ``start_timeout`` s,
+    and the ``timeout`` for the rows counts from then."""
     import signal
-    import time
+
+    def alive() -> bool:
+        assert proc.poll() is None, f"batch ended before it could be killed: {proc.stderr.read()[-3000:]!r}"
+        return True
+
+    def count() -> int:
+        return watcher.count(batch_id=batch_id)
 
     try:
-        deadline = time.time() + timeout
-        while watcher.count(batch_id=batch_id) < rows:
-            assert proc.poll() is None, f"batch ended before it could be killed: {proc.stderr.read()[-3000:]!r}"
-            assert time.time() < deadline, "no rows appeared"
-            time.sleep(0.02)
+        if started is not None:
+            wait_for(lambda: alive() and (started() or count() >= rows), start_timeout,
+                     "the batch to start (its readiness signal)")
+        wait_for(lambda: alive() and count() >= rows, timeout,
+                 lambda: f"{rows} rows of batch {batch_id} (saw {count()})")
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait(timeout=deadline(30))
     finally:
         if proc.poll() is None:
             proc.kill()

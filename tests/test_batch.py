@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import brick_station, kill_after_rows, random_crop
+from conftest import brick_station, deadline, kill_after_rows, random_crop
 
 from inspector.batch.common import batch_id_for, iter_files
 from inspector.batch.local import run_batch
@@ -39,7 +39,7 @@ def _good_folder(folder: Path, brick, n: int, seed: int = 0) -> list[Path]:
 
 def _cli(*args, env=None, timeout=240):
     return subprocess.run([sys.executable, "-m", "inspector", *args], capture_output=True, text=True,
-                          env=env or ENV, timeout=timeout)
+                          env=env or ENV, timeout=deadline(timeout))
 
 
 def test_mixed_folder_scores_good_files_and_records_each_bad_one(station, brick, tmp_path):

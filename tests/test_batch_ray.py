@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import kill_after_rows
+from conftest import deadline, kill_after_rows
 
 from inspector.batch.common import batch_id_for
 from inspector.batch.local import run_batch
@@ -32,12 +32,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray instance for this module. Its workers inherit PYTHONPATH (this checkout) and
-    one OpenMP thread from the environment set here."""
+    one OpenMP thread from the environment set here, and run at the test's own priority: Ray starts
+    workers at nice 15 by default, which on a machine busy with other jobs leaves them a few percent
+    of a core, so their start-up (importing torch, loading the model) outlasts any sane deadline."""
     import ray
 
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS", "RAY_ADDRESS")}
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS", "RAY_ADDRESS", "RAY_worker_niceness")}
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else []))
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["RAY_worker_niceness"] = "0"
     os.environ.pop("RAY_ADDRESS", None)
     if ray.is_initialized():
         ray.shutdown()
@@ -149,14 +152,14 @@ def test_killed_scoring_actor_mid_run_loses_and_duplicates_nothing(ray_cluster, 
 
     t = threading.Thread(target=run)
     t.start()
-    deadline = time.time() + 240
-    while not killed and t.is_alive() and time.time() < deadline:
+    until = time.monotonic() + deadline(240)
+    while not killed and t.is_alive() and time.monotonic() < until:
         if watcher.count(batch_id=bid) >= 4:
             for pid in _scorer_pids():
                 os.kill(pid, signal.SIGKILL)
                 killed.append((pid, watcher.count(batch_id=bid)))
         time.sleep(0.02)
-    t.join(timeout=300)
+    t.join(timeout=deadline(300))
     assert not t.is_alive()
     assert killed and killed[0][1] < len(files), killed  # really killed mid-run
     s = result["s"]
@@ -176,11 +179,13 @@ def test_killed_driver_then_rerun_from_the_station_resumes(ray_cluster, station,
     bid = batch_id_for(folder, "brick", station.registry.get("brick").version)
     watcher = Store(station.store.url)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    scorers_before = set(_scorer_pids())
     proc = subprocess.Popen([sys.executable, "-m", "inspector", "batch", str(folder), "--product", "brick",
                              "--data-dir", str(station.data_dir), "--engine", "ray", "--address", ray_cluster,
                              "--workers", "1", "--batch-size", "2", "--heatmaps", "none", "--no-progress",
                              "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    kill_after_rows(proc, watcher, bid, 4, timeout=240)
+    # started: this batch's scoring actor is up (the driver's and Ray's start-up is behind it)
+    kill_after_rows(proc, watcher, bid, 4, timeout=180, started=lambda: set(_scorer_pids()) - scorers_before)
     partial = watcher.count(batch_id=bid)
     assert 4 <= partial < len(files) + 1, partial
     # the rerun comes from the station's Batch tab, configured to submit to this Ray cluster

@@ -9,6 +9,7 @@ import time
 import cv2
 import numpy as np
 import pytest
+from conftest import deadline, wait_for
 
 from inspector.cameras.camera import Camera, open_camera
 from inspector.cameras.registry import make_source
@@ -68,22 +69,19 @@ def test_dropped_folder_shows_error_and_reconnects(tmp_path):
     folder = _frames(tmp_path / "cam", 2)
     backup = tmp_path / "backup"
     shutil.copytree(folder, backup)
-    cam = open_camera(folder, backoff=0.05, max_backoff=0.1)
+    backoff = deadline(0.5)  # so long that the call right after the loss comes within it, however busy
+    cam = open_camera(folder, backoff=backoff, max_backoff=2 * backoff)
     assert cam.next_frame().ok
     shutil.rmtree(folder)  # the source drops
     lost = cam.next_frame()
     assert not lost.ok and cam.state == "reconnecting" and "folder" in lost.error
     waiting = cam.next_frame()  # within the back-off: no busy retry, still an error state
     assert not waiting.ok and waiting.state == "reconnecting" and "reconnecting in" in waiting.error
-    time.sleep(0.12)
+    time.sleep(1.2 * backoff)  # past the back-off: the time passing is the condition (load only lengthens it)
     still = cam.next_frame()  # retried, still gone
     assert not still.ok and cam.state == "reconnecting"
-    shutil.copytree(backup, folder)  # the source comes back
-    deadline = time.monotonic() + 2.0
-    frame = cam.next_frame()
-    while not frame.ok and time.monotonic() < deadline:
-        time.sleep(0.02)
-        frame = cam.next_frame()
+    shutil.copytree(backup, folder)  # the source comes back (retried after the doubled back-off)
+    frame = wait_for(lambda: (f := cam.next_frame()).ok and f, 10, lambda: f"a reconnection: {cam.status()}")
     assert frame.ok and cam.state == "live" and cam.reconnects == 1
     assert cam.status()["last_error"] is None
 
@@ -97,10 +95,10 @@ def test_hot_folder_stream_end_then_new_frames(tmp_path):
     img = np.zeros((32, 32, 3), np.uint8)
     img[0, 0] = (9, 0, 0)
     write_image(folder / "f100.png", img)  # the line camera writes a new frame
-    time.sleep(0.03)
+    time.sleep(0.03)  # past the 0.01 s back-off: the time passing is the condition (load only lengthens it)
     frame = cam.next_frame()
     assert frame.ok and _tag(frame) == 9 and frame.name == "f100.png" and cam.state == "live"
-    time.sleep(0.03)
+    time.sleep(0.03)  # a pause, not a wait for anything: the frame must not come again after it
     assert not cam.next_frame().ok  # delivered once only
 
 
@@ -117,7 +115,7 @@ def test_video_stream_end_reconnects(tmp_path):
     assert all(f.ok for f in got) and got[0].image.shape == (24, 32, 3)
     end = cam.next_frame()
     assert not end.ok and cam.state == "reconnecting" and "ended" in end.error
-    time.sleep(0.02)
+    time.sleep(0.02)  # past the 0.01 s back-off: the time passing is the condition (load only lengthens it)
     again = cam.next_frame()  # reopened from the start
     assert again.ok and cam.reconnects == 1
 
@@ -127,7 +125,7 @@ def test_unavailable_device_is_a_setup_error_not_a_crash_nor_a_retry_loop():
     cam.source.timeout_ms = 500
     f = cam.next_frame()
     assert not f.ok and cam.state == "failed" and "setup error" in f.error and "cannot open" in f.error
-    time.sleep(0.02)  # past the back-off: still not retried
+    time.sleep(0.02)  # past the 0.01 s back-off (time passing is the condition): still not retried
     f2 = cam.next_frame()
     assert not f2.ok and f2.state == "failed" and cam.errors == 1
     cam.close()
@@ -139,7 +137,7 @@ def test_missing_folder_is_a_setup_error_until_started_again(tmp_path):
     cam = open_camera(folder, backoff=0.01)
     f = cam.next_frame()
     assert not f.ok and cam.state == "failed" and "folder not found" in f.error
-    time.sleep(0.02)
+    time.sleep(0.02)  # past the 0.01 s back-off (time passing is the condition)
     assert cam.next_frame().state == "failed" and cam.errors == 1  # no endless retry
     _frames(folder, 1)
     assert cam.next_frame().state == "failed"  # only a new start (close) tries again

@@ -339,9 +339,11 @@ def test_peak_memory_sees_an_allocation():
     with me.PeakMemory("cpu") as mem:
         x = np.ones(64 * 2**20, np.uint8)  # 64 MB, touched
         x[::4096] = 2
-        import time
+        from conftest import wait_for
 
-        time.sleep(0.02)
+        # the sampler thread sees it while it exists (a fixed sleep may pass unscheduled on a busy machine)
+        wait_for(lambda: mem.peak - mem.base > 40 * 2**20, 30, "the RSS sampler to see the 64 MB allocation",
+                 step=0.002)
         del x
     assert mem.rise_mb > 40 and mem.kind == "cpu_rss"
 

@@ -86,8 +86,9 @@ def fitted(request, lite0, brick):
     from inspector.detectors.graphcore.detector import GraphCore, PatchCoreKNN
 
     shots, tests = crops(brick)
-    if request.param == "graphcore":  # default scoring (head + global branch); a short head training
-        det = GraphCore(lite0, views=2, train_steps=10, train_defects=4, train_normals=2)
+    if request.param == "graphcore":  # head + global branch (off by default: on here explicitly); a short training
+        det = GraphCore(lite0, head=True, global_branch=True, views=2, train_steps=10, train_defects=4,
+                        train_normals=2)
     else:
         det = PatchCoreKNN(lite0, reduce="max")  # the other image-score reduction
     det.fit(lite0.preprocess(shots))

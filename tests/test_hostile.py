@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import brick_station, random_crop
+from conftest import brick_station, deadline, random_crop
 from PIL import Image
 
 from inspector.batch.common import iter_files
@@ -117,7 +117,8 @@ print(json.dumps(out))
 
 
 def _rss_probe(script: str, *args: str) -> dict:
-    res = subprocess.run([sys.executable, "-c", PEAK + script, *args], capture_output=True, text=True, env=ENV, timeout=120)
+    res = subprocess.run([sys.executable, "-c", PEAK + script, *args], capture_output=True, text=True, env=ENV,
+                         timeout=deadline(120))
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -187,7 +188,7 @@ def station(tmp_path_factory, brick):
 
 def _cli(*args, env=None, timeout=240):
     return subprocess.run([sys.executable, "-m", "inspector", *args], capture_output=True, text=True,
-                          env=env or ENV, timeout=timeout)
+                          env=env or ENV, timeout=deadline(timeout))
 
 
 NON_UTF8 = os.fsdecode(b"caf\xe9-\xff.png")  # Latin-1 bytes: not UTF-8
@@ -292,7 +293,7 @@ def test_unreadable_entries_get_rows_as_an_unprivileged_user(brick):
             if shutil.which("setpriv") is None:
                 pytest.skip("running as root without setpriv: no way to lose permission")
             cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120, cwd=base)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=deadline(120), cwd=base)
         assert res.returncode == 0, res.stderr
         errors = json.loads(res.stdout.strip().splitlines()[-1])
         assert set(errors) == {"ok.png", "locked.png", "closed"}
@@ -377,7 +378,7 @@ for folder in sys.argv[2:]:
 print("MAXRSS_KB", *peaks)
 """
     res = subprocess.run([sys.executable, "-c", PEAK + script, str(station.data_dir), str(good), str(folder)],
-                         capture_output=True, text=True, env=ENV, timeout=240)
+                         capture_output=True, text=True, env=ENV, timeout=deadline(240))
     last = res.stdout.strip().splitlines()[-1].split() if res.stdout.strip() else [""]
     assert last[0] == "MAXRSS_KB", res.stdout + res.stderr
     peaks = {"good": int(last[1]), "bombs": int(last[2])}  # peak after the good batch, then after the bombs

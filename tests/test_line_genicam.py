@@ -10,17 +10,19 @@ import cv2
 import numpy as np
 import pytest
 from _line_fakecam import fake_camera
+from conftest import deadline, timeout_mark
 
 from inspector.cameras.base import FrameError, SourceLost
 from inspector.cameras.camera import Camera
 from inspector.cameras.registry import make_source
 
-CAMERA_TIMEOUT = pytest.mark.timeout(120)  # a hang in the camera stack fails the test, not the suite
+CAMERA_TIMEOUT = timeout_mark(120)  # a hang in the camera stack fails the test, not the suite
 
 
 def _wait(pred, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """``pred()``'s first truthy value within ``deadline(timeout)`` s, else its last (falsy) one."""
+    until = time.monotonic() + deadline(timeout)
+    while time.monotonic() < until:
         out = pred()
         if out:
             return out
@@ -138,10 +140,10 @@ def test_software_trigger_one_frame_per_trigger():
 
             t = threading.Thread(target=wait_one, daemon=True)
             t.start()
-            time.sleep(1.2)  # > 2 x timeout_s: no trigger, no frame (and the camera still answers)
+            time.sleep(1.2)  # a quiet window (the thing under test): > 2 x timeout_s, no trigger, no frame
             assert got == []
             src.close()  # unblocks the waiting reader
-            t.join(10)
+            t.join(deadline(10))
         finally:
             src.close()
     nums = [int(n.split("@")[0][5:]) for n in ids]
@@ -161,7 +163,8 @@ def test_reconnects_after_camera_killed_and_restarted():
     from inspector.cameras.genicam import GenICamSettings, GenICamSource
 
     with fake_camera() as fake:
-        src = GenICamSource(fake.device_id, GenICamSettings(roi=(0, 0, 64, 64), timeout_s=0.5))
+        # free-run: a frame must come within timeout_s, which a busy machine stretches
+        src = GenICamSource(fake.device_id, GenICamSettings(roi=(0, 0, 64, 64), timeout_s=deadline(0.5)))
         cam = Camera(src, backoff=0.2, max_backoff=0.5)
         try:
             assert cam.next_frame().ok
@@ -169,7 +172,7 @@ def test_reconnects_after_camera_killed_and_restarted():
             lost = _wait(lambda: (f := cam.next_frame()).error and f, 20)
             assert lost and lost.state == "reconnecting" and cam.state == "reconnecting"
             assert not cam.next_frame().ok  # still gone
-            fake.start()
+            fake.start(deadline(30))
             back = _wait(lambda: (f := cam.next_frame()).ok and f, 60, step=0.1)
             assert back, cam.status()
             assert cam.reconnects >= 1 and cam.state == "live"
@@ -216,17 +219,22 @@ def test_hardware_trigger_arms_the_input_line_and_waits():
             got: list = []
             t = threading.Thread(target=lambda: got.append(_safe_read(src)), daemon=True)
             t.start()
-            time.sleep(1.0)  # nothing on the input line: no frame, and no error while the camera answers
+            time.sleep(1.0)  # a quiet window (the thing under test): nothing on the input line, no frame, no error
             assert got == []
         finally:
             src.close()
-        t.join(10)
+        t.join(deadline(10))
     assert len(got) == 1 and isinstance(got[0], SourceLost)  # closing unblocks the waiting reader
 
 
 def _frames(url: str, n: int = 1, **camera_kw) -> list:
-    """``n`` frames from a Camera on ``url`` (opened and always closed here)."""
-    cam = Camera(make_source(url), **camera_kw)
+    """``n`` frames from a Camera on ``url`` (opened and always closed here); a free-running
+    camera's frame-wait ``timeout_s`` is scaled by ``deadline`` (a busy machine delivers late)."""
+    from inspector.cameras.genicam import settings_with
+
+    src = make_source(url)
+    src.settings = settings_with(src.settings, timeout_s=deadline(src.settings.timeout_s))
+    cam = Camera(src, **camera_kw)
     try:
         return [cam.next_frame() for _ in range(n)]
     finally:

@@ -5,19 +5,20 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import deadline, timeout_mark
 from pymodbus.client import ModbusTcpClient
 
 from inspector.line.pipeline import LineVerdict
 from inspector.line.sinks.modbus import VERDICT_CODES, ModbusSettings, RejectGateServer
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = timeout_mark(120)
 PULSE_MS = 400.0
 
 
 @pytest.fixture(scope="module")
 def gate():
-    srv = RejectGateServer(ModbusSettings(enabled=True, port=0, pulse_ms=PULSE_MS, heartbeat_s=0.2)).start()
-    client = ModbusTcpClient("127.0.0.1", port=srv.port, timeout=10)
+    srv = RejectGateServer(ModbusSettings(enabled=True, port=0, pulse_ms=PULSE_MS, heartbeat_s=0.2)).start(deadline(30))
+    client = ModbusTcpClient("127.0.0.1", port=srv.port, timeout=deadline(10))
     assert client.connect()
     yield srv, client
     client.close()
@@ -32,7 +33,7 @@ def _pulse(client, coil: int, timeout: float = 10.0) -> tuple[float, float]:
     """Poll until the coil has risen and fallen; (seconds it was seen high, seconds to the fall)."""
     t0 = time.monotonic()
     first = last = None
-    while time.monotonic() - t0 < timeout:
+    while time.monotonic() - t0 < deadline(timeout):
         now, high = time.monotonic(), _coil(client, coil)
         if high:
             first = now if first is None else first
@@ -45,7 +46,7 @@ def _pulse(client, coil: int, timeout: float = 10.0) -> tuple[float, float]:
 def test_ng_gives_one_reject_pulse_of_the_configured_width(gate):
     srv, client = gate
     t = time.monotonic()
-    while _coil(client, 0) and time.monotonic() - t < 10:  # another test's pulse still running
+    while _coil(client, 0) and time.monotonic() - t < deadline(10):  # another test's pulse still running
         time.sleep(0.02)
     assert _coil(client, 0) is False
     srv.on_verdict(LineVerdict(5, "p", "NG", 1.234, 0x12345678, 1, 9, 0.05))
@@ -74,7 +75,7 @@ def test_heartbeat_moves_and_plc_cannot_write(gate):
     h0 = client.read_holding_registers(0, count=1, device_id=1).registers[0]
     seen = {_coil(client, 2)}
     t = time.monotonic()
-    while time.monotonic() - t < 3 and len(seen) < 2:
+    while time.monotonic() - t < deadline(3) and len(seen) < 2:
         seen.add(_coil(client, 2))
         time.sleep(0.03)
     assert seen == {True, False}  # the heartbeat coil toggles

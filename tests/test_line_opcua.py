@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import pytest
 from asyncua import Client, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+from conftest import deadline, timeout_mark
 
 from inspector.line.pipeline import LineVerdict
 from inspector.line.sinks.opcua import NAMESPACE, OpcUaSettings, StationOpcUaServer, make_self_signed
 from inspector.security.passwords import hash_password
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = timeout_mark(120)
 
 
 @pytest.fixture(scope="module")
 def anon_server():
-    srv = StationOpcUaServer(OpcUaSettings(enabled=True, port=0, heartbeat_s=0.2)).start()
+    srv = StationOpcUaServer(OpcUaSettings(enabled=True, port=0, heartbeat_s=0.2)).start(deadline(60))
     yield srv
     srv.stop()
 
@@ -31,11 +33,13 @@ async def _station(client: Client):
 
 def test_anonymous_is_read_only_and_sees_verdicts(anon_server):
     async def main():
-        async with Client(anon_server.url, timeout=30) as client:
+        async with Client(anon_server.url, timeout=deadline(30)) as client:
             idx, st = await _station(client)
             beat = await st.get_child(f"{idx}:Heartbeat")
             b0 = await beat.read_value()
-            await asyncio.sleep(0.8)
+            until = time.monotonic() + deadline(10)  # 50 heartbeats: it moves long before, however busy
+            while await beat.read_value() <= b0 and time.monotonic() < until:
+                await asyncio.sleep(0.05)
             assert await beat.read_value() > b0  # the watchdog value moves
 
             part = await st.get_child(f"{idx}:PartId")
@@ -47,9 +51,9 @@ def test_anonymous_is_read_only_and_sees_verdicts(anon_server):
 
             sub = await client.create_subscription(50, Handler())
             await sub.subscribe_data_change(part)
-            assert await asyncio.wait_for(changes.get(), 30) == 0  # initial value
+            assert await asyncio.wait_for(changes.get(), deadline(30)) == 0  # initial value
             anon_server.on_verdict(LineVerdict(7, "brick", "NG", 3.5, 123456, 99, 42, 0.051))
-            assert await asyncio.wait_for(changes.get(), 30) == 7
+            assert await asyncio.wait_for(changes.get(), deadline(30)) == 7
             assert await (await st.get_child(f"{idx}:LastVerdict")).read_value() == "NG"
             assert await (await st.get_child(f"{idx}:FrameId")).read_value() == 123456
             assert await (await st.get_child(f"{idx}:Score")).read_value() == 3.5
@@ -81,14 +85,14 @@ def secure_server(tmp_path_factory):
     """Users configured, no certificate given: the server generates its own (as in production)."""
     data = tmp_path_factory.mktemp("station-data")
     settings = OpcUaSettings(enabled=True, port=0, heartbeat_s=0.2, users={"plc": hash_password("line-1 secret")})
-    srv = StationOpcUaServer(settings, pki_dir=data).start()
+    srv = StationOpcUaServer(settings, pki_dir=data).start(deadline(60))
     srv.data_dir = data
     yield srv
     srv.stop()
 
 
 async def _secure_client(url: str, pki, user: str | None, password: str | None) -> Client:
-    client = Client(url, timeout=30)
+    client = Client(url, timeout=deadline(30))
     client.application_uri = "urn:test:plc"
     cert, key = pki["client"]
     await client.set_security(SecurityPolicyBasic256Sha256, str(cert), str(key), mode=ua.MessageSecurityMode.SignAndEncrypt)
@@ -100,7 +104,7 @@ async def _secure_client(url: str, pki, user: str | None, password: str | None) 
 
 def test_secure_server_requires_login_and_encryption(secure_server, pki):
     async def main():
-        endpoints = await Client(secure_server.url, timeout=30).connect_and_get_server_endpoints()
+        endpoints = await Client(secure_server.url, timeout=deadline(30)).connect_and_get_server_endpoints()
         assert {e.SecurityPolicyUri for e in endpoints} == {SecurityPolicyBasic256Sha256.URI}
         assert {e.SecurityMode for e in endpoints} == {ua.MessageSecurityMode.SignAndEncrypt}
 
@@ -118,7 +122,7 @@ def test_secure_server_requires_login_and_encryption(secure_server, pki):
                 await bad.connect()
             await bad.disconnect()
 
-        plain = Client(secure_server.url, timeout=30)  # no encryption: no such endpoint
+        plain = Client(secure_server.url, timeout=deadline(30))  # no encryption: no such endpoint
         with pytest.raises(ua.UaError):
             await plain.connect()
         await plain.disconnect()

@@ -8,11 +8,12 @@ import time
 import pytest
 from _line_fakecam import fake_camera
 from _line_station import make_station
+from conftest import deadline, timeout_mark
 
 from inspector.cameras.camera import Camera
 from inspector.line.pipeline import LinePipeline, VerdictLog, latency_stats
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [timeout_mark(180), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,9 @@ def _camera(device_id: str, **kw) -> Camera:
 
 
 def _wait(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not pred():
+    """``pred()`` once true or ``deadline(timeout)`` s have passed."""
+    until = time.monotonic() + deadline(timeout)
+    while time.monotonic() < until and not pred():
         time.sleep(0.02)
     return pred()
 
@@ -37,12 +39,13 @@ def _wait(pred, timeout=30.0):
 def test_one_verdict_per_trigger_recorded_with_frame_id(station):
     with fake_camera() as fake:
         got = VerdictLog()
-        pipe = LinePipeline(station, "pa", _camera(fake.device_id), queue_size=2, listeners=[got]).start()
+        pipe = LinePipeline(station, "pa", _camera(fake.device_id), queue_size=2, listeners=[got],
+                            trigger_timeout_s=deadline(5.0)).start()  # a frame late under load is no drop
         try:
             assert _wait(lambda: pipe.ready), pipe.status()
             for i in range(4):
                 assert pipe.trigger()
-                got.wait(i + 1)
+                got.wait(i + 1, timeout=deadline(60))
         finally:
             pipe.stop()
     vs = got.items
@@ -67,7 +70,7 @@ class SlowStation:
 
     def inspect(self, *a, **kw):
         self.entered.set()
-        assert self.release.wait(60)
+        assert self.release.wait(deadline(60))
         return self._s.inspect(*a, **kw)
 
 
@@ -75,15 +78,16 @@ def test_full_queue_drops_are_counted_recorded_and_published(station):
     slow = SlowStation(station)
     with fake_camera() as fake:
         got = VerdictLog()
-        pipe = LinePipeline(slow, "pa", _camera(fake.device_id), queue_size=1, listeners=[got]).start()
+        pipe = LinePipeline(slow, "pa", _camera(fake.device_id), queue_size=1, listeners=[got],
+                            trigger_timeout_s=deadline(5.0)).start()  # a frame late under load is no drop
         try:
             assert _wait(lambda: pipe.ready), pipe.status()
-            assert pipe.trigger() and slow.entered.wait(30)          # part 1: being inspected
+            assert pipe.trigger() and slow.entered.wait(deadline(30))  # part 1: being inspected
             assert pipe.trigger() and _wait(lambda: pipe.queue_depth == 1)  # part 2: waiting
             for n in (1, 2):                                           # parts 3, 4: queue full
                 assert pipe.trigger() and _wait(lambda n=n: pipe.counts["dropped"] == n)
             slow.release.set()
-            vs = got.wait(4)
+            vs = got.wait(4, timeout=deadline(60))
         finally:
             slow.release.set()
             pipe.stop()
@@ -104,14 +108,14 @@ def test_every_trigger_ends_in_a_verdict_even_when_the_camera_skips_it(station):
     still ends as a dropped part (after trigger_timeout_s), none is silently lost."""
     with fake_camera() as fake:
         got = VerdictLog()
-        pipe = LinePipeline(station, "pa", _camera(fake.device_id), queue_size=8, trigger_timeout_s=1.0,
+        pipe = LinePipeline(station, "pa", _camera(fake.device_id), queue_size=8, trigger_timeout_s=deadline(1.0),
                             listeners=[got]).start()
         try:
             assert _wait(lambda: pipe.ready), pipe.status()
             for _ in range(5):
                 assert pipe.trigger()  # back to back, well inside one frame period (40 ms)
-            vs = got.wait(5, timeout=90)
-            time.sleep(1.5)  # nothing more may come: one verdict per trigger, not more
+            vs = got.wait(5, timeout=deadline(90))
+            time.sleep(1.5)  # a quiet window (the thing under test): nothing more may come, one verdict per trigger
             assert len(got.items) == 5 and pipe.pending_triggers == 0
         finally:
             pipe.stop()
@@ -127,10 +131,10 @@ def test_trigger_without_camera_is_a_dropped_part(station):
         got = VerdictLog()
         pipe = LinePipeline(station, "pa", _camera(fake.device_id + "-absent"), listeners=[got]).start()
         try:
-            assert not _wait(lambda: pipe.ready, 2.0)
+            assert not _wait(lambda: pipe.ready, 2.0)  # a quiet window: never ready without its camera
             assert pipe.model_ready and not pipe.camera_connected
             assert pipe.trigger() is False
-            v = got.wait(1)[0]
+            v = got.wait(1, timeout=deadline(60))[0]
         finally:
             pipe.stop()
     assert v.dropped and v.verdict == "ERROR" and "camera not ready" in v.error

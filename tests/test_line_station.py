@@ -12,25 +12,27 @@ import urllib.request
 import pytest
 from _line_fakecam import fake_camera
 from _line_station import make_station
+from conftest import deadline, timeout_mark
 
 from inspector.line.config import LineConfig
 from inspector.security.passwords import hash_password
 from inspector.station.config import ConfigError, StationConfig
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [timeout_mark(300), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _get(url: str) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
+        with urllib.request.urlopen(url, timeout=deadline(30)) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
 
 
 def _wait(pred, timeout=60.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """True once ``pred()`` is, within ``deadline(timeout)`` s."""
+    until = time.monotonic() + deadline(timeout)
+    while time.monotonic() < until:
         if pred():
             return True
         time.sleep(step)
@@ -63,7 +65,7 @@ async def _opcua(url: str, pki, user: str, password: str, product_after: str):
 
     from inspector.line.sinks.opcua import NAMESPACE
 
-    client = Client(url, timeout=30)
+    client = Client(url, timeout=deadline(30))
     client.application_uri = "urn:test:plc"
     await client.set_security(SecurityPolicyBasic256Sha256, str(pki[0]), str(pki[1]),
                               mode=ua.MessageSecurityMode.SignAndEncrypt)
@@ -81,15 +83,14 @@ async def _opcua(url: str, pki, user: str, password: str, product_after: str):
 
         sub = await client.create_subscription(50, Handler())
         await sub.subscribe_data_change(node["PartId"])
-        assert await asyncio.wait_for(parts.get(), 60) == 0
-        for _ in range(60):  # Ready is refreshed every heartbeat
-            if await node["Ready"].read_value():
-                break
-            await asyncio.sleep(0.2)
+        assert await asyncio.wait_for(parts.get(), deadline(60)) == 0
+        until = time.monotonic() + deadline(30)
+        while not await node["Ready"].read_value() and time.monotonic() < until:  # refreshed every heartbeat
+            await asyncio.sleep(0.05)
         assert await node["Ready"].read_value() is True
         accepted = await st.call_method(f"{idx}:Trigger")  # the PLC triggers a part
         assert accepted is True
-        assert await asyncio.wait_for(parts.get(), 60) == 1
+        assert await asyncio.wait_for(parts.get(), deadline(60)) == 1
         out = {"verdict": await node["LastVerdict"].read_value(), "frame_id": await node["FrameId"].read_value()}
         assert await st.call_method(f"{idx}:SetProduct", product_after) == product_after
         assert await node["Product"].read_value() == product_after
@@ -112,6 +113,7 @@ def test_whole_line_camera_to_plc(tmp_path):
         lc = LineConfig.from_dict({
             "product": "pa", "source": f"genicam://{fake.device_id}",
             "camera": {"roi": [0, 0, 64, 64], "timeout_s": 0.5},
+            "trigger_timeout_s": deadline(5.0),  # a frame late under load is no dropped part
             "opcua": {"enabled": True, "port": 0, "heartbeat_s": 0.2, "users": {"plc": hash_password("pw-1")}},
             "modbus": {"enabled": True, "port": 0, "pulse_ms": 300},
             "metrics": {"port": 0},
@@ -123,7 +125,7 @@ def test_whole_line_camera_to_plc(tmp_path):
             last = line.pipeline.last
             assert res == {"verdict": last.verdict, "frame_id": last.frame_id} and last.product == "pa"
 
-            mb = ModbusTcpClient("127.0.0.1", port=line.modbus.port, timeout=10)
+            mb = ModbusTcpClient("127.0.0.1", port=line.modbus.port, timeout=deadline(10))
             assert mb.connect()
             regs = mb.read_holding_registers(0, count=18, device_id=1).registers
             assert regs[1] == VERDICT_CODES[last.verdict] and (regs[2] << 16 | regs[3]) == 1
@@ -143,7 +145,7 @@ def test_whole_line_camera_to_plc(tmp_path):
             assert not health["ready"] and any("camera" in r for r in health["reasons"])
             assert _wait(lambda: mb.read_coils(0, count=4, device_id=1).bits[1] is False, 30)
             assert "inspector_camera_connected 0.0" in _get(base + "/metrics")[1].decode()
-            fake.start()  # ... and comes back
+            fake.start(deadline(30))  # ... and comes back (waits for its port)
             assert _wait(lambda: _get(base + "/health")[0] == 200, 90), _get(base + "/health")
             mb.close()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_crops
+from conftest import deadline, random_crops
 
 from inspector.io import write_image
 from inspector.products import registry as products_mod
@@ -45,7 +45,7 @@ def test_register_then_new_process_gives_the_same_score(station, brick, tmp_path
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "inspector", "inspect", str(path), "--product", "brick-gc",
                           "--data-dir", str(station.data_dir), "--json", "--device", "cpu"],
-                         capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
+                         capture_output=True, text=True, env=env, timeout=deadline(180), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert rec["score"] == pytest.approx(ins.score, rel=1e-6, abs=1e-9)
@@ -88,7 +88,7 @@ def test_update_thresholds_add_shots_delete_with_audit(station, brick):
 
     grown = reg.add_shots("life", random_crops(brick, 1, seed=5), actor="eng")
     assert grown.shots == 3 and len(grown.shot_files) == 3 and grown.model_hash != prod.model_hash
-    assert not state.exists()  # old state removed after the commit
+    assert state.exists()  # kept: the earlier versions still refer to it (rollback is instant)
     with pytest.raises(ValueError, match="already registered"):
         reg.add_shots("life", random_crops(brick, 1, seed=5))
 
@@ -191,26 +191,29 @@ def test_cli_register_products_and_history(station, brick, tmp_path, capsys):
 def test_graphcore_registration_trains_its_head_once(station, brick, monkeypatch):
     """The held-out folds refit the bank without their shot but reuse the final model's head:
     one head training per registration, not one per fold (5x the time at 4 shots)."""
+    from inspector.detectors.graphcore import selection
     from inspector.detectors.graphcore.detector import GraphCore
 
     trained, reused = [], []
-    real_train, real_fit = GraphCore._train_head, GraphCore.fit
+    real_train, real_fit = selection.train_head, GraphCore.fit
 
-    def counting_train(self, *a, **kw):
+    def counting_train(*a, **kw):
         trained.append(1)
-        return real_train(self, *a, **kw)
+        return real_train(*a, **kw)
 
-    def recording_fit(self, images, *, generator=None, progress=None, reuse_head_of=None):
-        out = real_fit(self, images, generator=generator, progress=progress, reuse_head_of=reuse_head_of)
-        reused.append((int(images.shape[0]), reuse_head_of is not None))
+    def recording_fit(self, images, **kw):
+        out = real_fit(self, images, **kw)
+        reused.append((int(images.shape[0]), kw.get("reuse_head_of") is not None))
         return out
 
-    monkeypatch.setattr(GraphCore, "_train_head", counting_train)
+    monkeypatch.setattr(selection, "train_head", counting_train)
     monkeypatch.setattr(GraphCore, "fit", recording_fit)
-    station.registry.register("brick-gc-once", random_crops(brick, 3), detector="graphcore", backbone="tiny-cnn",
-                              image_size=64, n_synthetic=3, actor="eng")
+    prod = station.registry.register("brick-gc-once", random_crops(brick, 3), detector="graphcore",
+                                     backbone="tiny-cnn", image_size=64, n_synthetic=3, actor="eng",
+                                     detector_config={"head": True, "train_steps": 5, "train_defects": 4})
     assert len(trained) == 1
     assert reused == [(3, False), (2, True), (2, True), (2, True)]  # final on all shots, then 3 folds
+    assert prod.registration["selection"]["enabled"]["head"]  # the decision is recorded with the product
 
 
 def test_reused_head_is_refused_across_configs(brick):
@@ -221,9 +224,9 @@ def test_reused_head_is_refused_across_configs(brick):
 
     bb = load_backbone("tiny-cnn", device="cpu", image_size=64)
     x = bb.preprocess(random_crops(brick, 2))
-    donor = GraphCore(bb, train_steps=2, train_defects=2).fit(x)
-    with pytest.raises(ValueError, match="same config"):
-        GraphCore(bb, train_steps=3, train_defects=2).fit(x, reuse_head_of=donor)
-    fold = GraphCore(bb, train_steps=2, train_defects=2).fit(x[:1], reuse_head_of=donor)
+    donor = GraphCore(bb, head=True, train_steps=2, train_defects=2).fit(x)
+    with pytest.raises(ValueError, match="same class and config"):
+        GraphCore(bb, head=True, train_steps=3, train_defects=2).fit(x, reuse_head_of=donor)
+    fold = GraphCore(bb, head=True, train_steps=2, train_defects=2).fit(x[:1], reuse_head_of=donor)
     assert fold.scorer.head is donor.scorer.head and fold.fit_info["head"]["reused"]
     assert not torch.equal(fold.scorer.memory, donor.scorer.memory) or fold.scorer.memory.shape != donor.scorer.memory.shape

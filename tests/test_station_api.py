@@ -154,7 +154,7 @@ def test_live_tick_shows_camera_error_state_and_recovers(served, tmp_path):
     shutil.copy(images[2], cam_dir / "d.png")
     import time
 
-    time.sleep(0.05)
+    time.sleep(0.05)  # past the 0.01 s back-off: the time passing is the condition (load only lengthens it)
     out = tick()
     assert 'data-state="live"' in out[2] and sum(counts.values()) == 3
     assert app.pool.get(src).reconnects == 1

@@ -3,7 +3,9 @@ drive it in headless Chromium (Debian's package, through Playwright) to register
 its thresholds with the sliders, inspect a good and a defective image, record operator decisions
 (keyboard shortcuts, a confirmed change, the trail in History), upload a non-image, and run the
 Live tab into a missing source, a lost camera and Stop, checking that no stale verdict is shown as
-current. Screenshots go to tests/artifacts/station_*.png.
+current. A second test drives the Learning tab: build a candidate version from operator evidence
+(the button is off while it builds), read its before/after table, promote it through the
+confirmation. Screenshots go to tests/artifacts/station_*.png.
 
 In CI (``CI`` set) a missing Chromium or Playwright is a failure, never a silent skip;
 ``scripts/install_browser.sh`` (run by ``.ci/run``) installs Chromium.
@@ -11,6 +13,7 @@ In CI (``CI`` set) a missing Chromium or Playwright is a failure, never a silent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import deadline, free_port
 
 from inspector.io import write_image
 from inspector.station.store import Store
@@ -34,6 +37,11 @@ CHROMIUM = Path(os.environ.get("INSPECTOR_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 PRODUCT = "brick-e2e"
+
+
+def _ms(seconds: float) -> int:
+    """A Playwright timeout in ms: ``deadline(seconds)`` (tests/conftest.py, scaled for busy machines)."""
+    return int(deadline(seconds) * 1000)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -78,7 +86,7 @@ def server(tmp_path_factory):
                              str(port), "--config", str(cfg)], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
+    until = time.monotonic() + deadline(180)
     while True:
         if proc.poll() is not None:
             log.close()
@@ -89,14 +97,14 @@ def server(tmp_path_factory):
                     break
         except OSError:
             pass
-        if time.monotonic() > deadline:
+        if time.monotonic() > until:
             proc.kill()
-            pytest.fail(f"station did not answer within 180 s:\n{(tmp / 'server.log').read_text()[-4000:]}")
+            pytest.fail(f"station did not answer within {deadline(180):g} s:\n{(tmp / 'server.log').read_text()[-4000:]}")
         time.sleep(0.5)
     yield {"url": url, "data": data, "log": tmp / "server.log"}
     proc.terminate()
     try:
-        proc.wait(20)
+        proc.wait(deadline(20))
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
@@ -113,12 +121,12 @@ def page(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         pg = browser.new_page(viewport={"width": 1440, "height": 900})
-        pg.set_default_timeout(90_000)
+        pg.set_default_timeout(_ms(90))
         yield pg
         browser.close()
 
 
-def _verdict(pg, prev_id=None, timeout=120_000) -> dict:
+def _verdict(pg, prev_id=None, timeout=_ms(120)) -> dict:
     """Wait for a new inspection in the Inspect tab; return what the badge and details show."""
     pg.wait_for_function(
         """(prev) => { const b = document.querySelector('#inspect-verdict [data-verdict]');
@@ -133,7 +141,7 @@ def _verdict(pg, prev_id=None, timeout=120_000) -> dict:
             "meta": meta}
 
 
-def _settle(pg, timeout=15_000) -> None:
+def _settle(pg, timeout=_ms(15)) -> None:
     """Wait until Gradio shows no pending output (faded blocks) so screenshots are final."""
     try:
         pg.wait_for_function("!document.querySelector('.pending, .generating')", timeout=timeout)
@@ -155,12 +163,12 @@ def _upload(pg, selector: str, path) -> None:
             """([sel, name]) => { const el = document.querySelector(sel);
                                   return el && !el.querySelector('.uploading, progress')
                                      && el.innerText.replace(/\\s+/g, '').includes(name); }""",
-            arg=[selector, Path(path).name], timeout=150_000, polling=250)
+            arg=[selector, Path(path).name], timeout=_ms(150), polling=250)
     except Exception:
         print("DOM of", selector, ":", pg.locator(selector).inner_html()[:4000])
         raise
     # the last verdict was replaced at once: it is not this file's
-    pg.locator("#inspect-verdict").get_by_text("Not ", exact=False).first.wait_for(timeout=150_000)
+    pg.locator("#inspect-verdict").get_by_text("Not ", exact=False).first.wait_for(timeout=_ms(150))
 
 
 def _wait_calib_note(pg, text: str, preview: bool) -> None:
@@ -168,7 +176,7 @@ def _wait_calib_note(pg, text: str, preview: bool) -> None:
     pg.wait_for_function("""([want, preview]) => { const t = document.querySelector('#calib-note').innerText;
                                                    return t.includes(want)
                                                        && t.startsWith('Preview, not saved yet.') === preview; }""",
-                         arg=[text, preview], timeout=60_000)
+                         arg=[text, preview], timeout=_ms(60))
 
 
 def _set_slider(pg, elem_id: str, value: float) -> None:
@@ -186,7 +194,7 @@ def _live(pg, server, images, artifacts_dir, store) -> None:
     src = pg.locator("#live-source input, #live-source textarea").first
     src.fill(str(server["data"].parent.resolve() / "no-such-camera-folder"))
     pg.locator("#live-start").click()
-    pg.locator('#live-camera [data-state="failed"]').wait_for(timeout=30_000)
+    pg.locator('#live-camera [data-state="failed"]').wait_for(timeout=_ms(30))
     assert "SETUP ERROR" in pg.locator("#live-camera").inner_text()
     assert pg.locator('#live-verdict [data-stale="1"]').count() == 1
     assert pg.locator("#live-start").is_enabled() and not pg.locator("#live-stop").is_enabled()
@@ -199,12 +207,12 @@ def _live(pg, server, images, artifacts_dir, store) -> None:
         shutil.copy(p, line / f"{i:03d}.png")
     src.fill(str(line.resolve()))
     pg.locator("#live-start").click()
-    pg.locator('#live-camera [data-state="live"]').wait_for(timeout=60_000)
-    pg.wait_for_function("document.querySelector('#live-verdict [data-verdict]')?.dataset.verdict", timeout=60_000)
+    pg.locator('#live-camera [data-state="live"]').wait_for(timeout=_ms(60))
+    pg.wait_for_function("document.querySelector('#live-verdict [data-verdict]')?.dataset.verdict", timeout=_ms(60))
     _settle(pg)
     pg.screenshot(path=str(artifacts_dir / "station_live.png"), full_page=True)
     shutil.rmtree(line)  # the camera is lost
-    pg.locator('#live-camera [data-state="reconnecting"]').wait_for(timeout=30_000)
+    pg.locator('#live-camera [data-state="reconnecting"]').wait_for(timeout=_ms(30))
     pg.locator('#live-verdict [data-stale="1"]').wait_for()
     assert "CAMERA LOST" in pg.locator("#live-camera").inner_text()
     assert "Camera lost" in pg.locator("#live-verdict").inner_text()
@@ -215,7 +223,7 @@ def _live(pg, server, images, artifacts_dir, store) -> None:
     pg.screenshot(path=str(artifacts_dir / "station_live_camera_lost.png"), full_page=True)
     pg.locator("#live-stop").click()
     pg.locator('#live-camera [data-state="closed"]').wait_for()
-    pg.wait_for_timeout(2500)  # two more timer periods: nothing may bring LIVE back
+    pg.wait_for_timeout(2500)  # a quiet window (the thing under test): two timer periods, nothing brings LIVE back
     assert pg.locator('#live-camera [data-state="closed"]').count() == 1
     assert "Stopped" in pg.locator("#live-verdict").inner_text()
     assert pg.locator('#live-verdict [data-stale="1"]').count() == 1
@@ -242,13 +250,13 @@ def _scenario(server, pg, images, artifacts_dir):
     # -- register from two normal shots
     pg.locator("#register-name input, #register-name textarea").first.fill(PRODUCT)
     pg.locator("#register-files input[type=file]").set_input_files([str(p) for p in images["shots"]])
-    pg.wait_for_function("document.querySelector('#register-files').innerText.includes('shot1')", timeout=60_000)
+    pg.wait_for_function("document.querySelector('#register-files').innerText.includes('shot1')", timeout=_ms(60))
     pg.locator("#register-button").click()
     # staged progress while it registers: fold i/n and the time left, not a bar stuck at 5%
-    pg.wait_for_function("document.body.innerText.includes('held-out scoring fold')", timeout=120_000)
+    pg.wait_for_function("document.body.innerText.includes('held-out scoring fold')", timeout=_ms(120))
     pg.screenshot(path=str(artifacts_dir / "station_register_progress.png"), full_page=True)
     status = pg.locator("#register-status")
-    status.get_by_text("Registered").wait_for(timeout=240_000)
+    status.get_by_text("Registered").wait_for(timeout=_ms(240))
     assert PRODUCT in status.inner_text()
     pg.locator("#calib-plot img").first.wait_for(state="visible")  # the matplotlib figure
     t_reg = time.perf_counter()
@@ -322,7 +330,7 @@ def _scenario(server, pg, images, artifacts_dir):
     assert store.get(good["id"])["decision"] == "accept"
     n_before = store.count()
     pg.keyboard.press("Enter")  # after the (mouse) Inspect click, Enter must not inspect again
-    pg.wait_for_timeout(1500)
+    pg.wait_for_timeout(1500)  # a quiet window (the thing under test): no second inspection comes
     assert store.count() == n_before
     pg.keyboard.press("r")  # change of mind: asks first, records nothing yet
     pg.locator("#inspect-trail [data-pending]").wait_for()
@@ -370,3 +378,121 @@ def _scenario(server, pg, images, artifacts_dir):
     print(f"\nbrowser e2e: register {t_reg - t0:.1f} s, total {time.perf_counter() - t0:.1f} s; auto {auto}: "
           f"good {good0['score']:.4g} {good0['verdict']}, defective {bad0['score']:.4g} {bad0['verdict']}; "
           f"saved {saved}: good {good['verdict']}, defective {bad['verdict']}")
+
+
+LEARN = "brick-learn-e2e"
+
+
+@pytest.fixture(scope="module")
+def learn_product(server, brick):
+    """A product with operator evidence on the server's data dir, made in-process (the Learning tab
+    is under test here, not registration or inspection): GraphCore on the tiny test network, 4 good
+    parts accepted, 3 parts with a dark blob rejected."""
+    from conftest import random_crops
+
+    from inspector.station.service import StationService
+
+    st = StationService(server["data"], device="cpu")
+    try:
+        st.registry.register(LEARN, random_crops(brick, 2, seed=31), detector="graphcore", backbone="tiny-cnn",
+                             actor="test", n_synthetic=4)
+        for img in random_crops(brick, 4, seed=32):
+            rec = st.inspect(LEARN, img, source="good")
+            st.decide(rec.id, "accept", "olga", reason="false-alarm" if str(rec.verdict) == "NG" else None)
+        for img in random_crops(brick, 3, seed=33):
+            img = img.copy()
+            cv2.circle(img, (48, 44), 14, (20, 20, 20), -1)
+            st.decide(st.inspect(LEARN, img, source="bad").id, "reject", "olga", reason="stain")
+        yield {"version": st.registry.get(LEARN).version, "station": st}
+    finally:
+        with contextlib.suppress(Exception):
+            st.close()
+
+
+def _active_version(server) -> str:
+    return json.loads((server["data"] / "products" / LEARN / "product.json").read_text())["version"]
+
+
+def test_learning_tab_builds_a_candidate_and_promotes_it_after_confirmation(server, page, learn_product,
+                                                                             artifacts_dir):
+    try:
+        _learning(server, page, learn_product, artifacts_dir)
+    except BaseException:
+        page.screenshot(path=str(artifacts_dir / "station_learning_failure.png"), full_page=True)
+        print(Path(server["log"]).read_text()[-3000:])
+        raise
+
+
+def _learning(server, pg, learn, artifacts_dir):
+    first = learn["version"]
+    pg.goto(server["url"])
+    pg.locator("#inspect-verdict [data-verdict]").wait_for()
+    pg.get_by_role("tab", name="Learning").click()
+    box = pg.locator("#learning-product input")
+    box.wait_for()
+    if box.input_value() != LEARN:  # other tests' products may come first
+        box.click()
+        pg.get_by_role("option", name=LEARN, exact=True).click()
+    ev = pg.locator('#learning-evidence [data-normal="4"][data-defect="3"]')
+    ev.wait_for(timeout=_ms(60))
+    assert first in pg.locator("#learning-evidence").inner_text()
+    assert f"Active now: version {first}" in " ".join(pg.locator("#learning-active").inner_text().split())
+
+    # Build candidate: the button is off while it runs, the progress is shown, then the table
+    build = pg.locator("#learning-build")
+    build.click()
+    pg.wait_for_function("document.querySelector('#learning-build').disabled", timeout=_ms(10), polling=50)
+    # the progress line (the button's own label reads "Building candidate…", without the colon)
+    pg.wait_for_function("document.body.innerText.includes('Building candidate: ')", timeout=_ms(60), polling=100)
+    with contextlib.suppress(Exception):  # a later stage for the screenshot: the bar has moved
+        pg.wait_for_function("/Building candidate: (fitt|held-out|generated)/.test(document.body.innerText)",
+                             timeout=_ms(30), polling=100)
+    pg.screenshot(path=str(artifacts_dir / "station_learning_progress.png"), full_page=True)
+    pg.locator("#learning-status").get_by_text("Built candidate").wait_for(timeout=_ms(300))
+    pg.wait_for_function("!document.querySelector('#learning-build').disabled", timeout=_ms(30))
+    assert _active_version(server) == first  # built, not active
+    versions = learn["station"].versions(LEARN)
+    cand = versions[0]["version"]
+    assert cand != first and not versions[0]["active"]
+    assert cand in pg.locator("#learning-status").inner_text()
+    table = pg.locator("#learning-table").inner_text()
+    after = versions[0]["table"]["after"]
+    assert "image AUROC" in table and "missed defects at the NG threshold" in table
+    assert f"{after['auroc']:.3f}" in table and f"{100 * after['false_alarm_rate']:.1f} %" in table
+    assert cand in pg.locator("#learning-versions").inner_text()
+
+    # Promote asks first; nothing changes before Confirm
+    assert not pg.locator("#learning-confirm").is_visible()
+    pg.locator("#learning-promote").click()
+    pg.locator("#learning-confirm").get_by_text("Promote").first.wait_for()
+    assert cand in pg.locator("#learning-confirm").inner_text()
+    pg.wait_for_timeout(500)  # a quiet window (the thing under test): nothing is promoted before Confirm
+    assert _active_version(server) == first
+    _settle(pg)
+    pg.screenshot(path=str(artifacts_dir / "station_learning_confirm.png"), full_page=True)
+    pg.locator("#learning-confirm-button").click()
+    pg.locator("#learning-done").get_by_text("Active now").wait_for(timeout=_ms(60))
+    assert f"Active now: version {cand}" in " ".join(pg.locator("#learning-done").inner_text().split())
+    assert _active_version(server) == cand
+    pg.locator(f'#learning-active [data-active="{cand}"]').wait_for()
+    assert not pg.locator("#learning-confirm").is_visible()
+    assert "ACTIVE" in pg.locator("#learning-versions").inner_text()
+    _settle(pg)
+    pg.screenshot(path=str(artifacts_dir / "station_learning.png"), full_page=True)
+    # the selection decision of the candidate, in words, with the evidence it was decided on (and
+    # configuration names such as head@0.5 as text, not as e-mail links)
+    assert "3 confirmed defect(s)" in pg.locator("#learning-selection").inner_text()
+    assert pg.locator("#learning-selection a").count() == 0
+
+    # the Register tab states the active version's selection decision too
+    pg.get_by_role("tab", name="Register").click()
+    box = pg.locator("#calib-product input")
+    if box.input_value() != LEARN:
+        box.click()
+        pg.get_by_role("option", name=LEARN, exact=True).click()
+    pg.wait_for_function("([v]) => document.querySelector('#register-selection')?.innerText.includes(v)",
+                         arg=[cand], timeout=_ms(30))
+    shown = pg.locator("#register-selection").inner_text()
+    assert "3 confirmed defect(s)" in shown and ("Switched on" in shown or "Nothing optional" in shown)
+    _settle(pg)
+    pg.screenshot(path=str(artifacts_dir / "station_register_selection.png"), full_page=True)

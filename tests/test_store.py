@@ -156,3 +156,108 @@ def test_migration_copies_cached_decisions_into_the_trail(tmp_path, monkeypatch)
     monkeypatch.undo()
     new = Store(url)
     assert [(d["decision"], d["operator"]) for d in new.decisions(a)] == [("reject", "unknown")]
+
+
+def test_v3_database_gains_masks_and_shadow_results(tmp_path, monkeypatch):
+    """Migration 4 on a database made by the v3 inspector (decisions without ``mask_sha256``):
+    the column and the append-only shadow table appear, the decision trail is kept."""
+    url = f"sqlite:///{tmp_path}/v3.db"
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:3])
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 3)
+    old = Store(url)
+    a = old.record_inspection(**{**_row(1), "verdict": "UNCERTAIN"})
+    with old.engine.begin() as c:  # the v3 table had no mask column
+        c.execute(text("ALTER TABLE decisions DROP COLUMN mask_sha256"))
+        c.execute(text("INSERT INTO decisions (inspection_id, created_at, operator, decision) "
+                       "VALUES (:i, '2024-01-01 00:00:00', 'ann', 'accept')"), {"i": a})
+    assert "mask_sha256" not in {c["name"] for c in sa_inspect(old.engine).get_columns("decisions")}
+    old.close()
+    monkeypatch.undo()
+    new = Store(url)
+    assert new.schema_version() == SCHEMA_VERSION >= 4
+    assert "mask_sha256" in {c["name"] for c in sa_inspect(new.engine).get_columns("decisions")}
+    assert [(d["decision"], d["operator"], d["mask_sha256"]) for d in new.decisions(a)] == [("accept", "ann", None)]
+    new.record_shadow(inspection_id=a, product="p", version="cand", score=1.0, verdict="OK")
+    with new.engine.connect() as c:
+        for sql in ("UPDATE shadow_results SET verdict='NG'", "DELETE FROM shadow_results"):
+            with pytest.raises(Exception, match="append-only"):
+                c.execute(text(sql))
+    assert [r["verdict"] for r in new.shadow_rows(a)] == ["OK"]
+
+
+def test_accepting_ng_needs_a_reason_and_masks_are_recorded(tmp_path):
+    st = Store(f"sqlite:///{tmp_path}/db.sqlite")
+    ng = st.record_inspection(**{**_row(1), "verdict": "NG"})
+    unc = st.record_inspection(**{**_row(2), "verdict": "UNCERTAIN"})
+    with pytest.raises(ValueError, match="reason"):
+        st.record_decision(ng, "accept", "ann")
+    with pytest.raises(ValueError, match="reason"):
+        st.record_decision(ng, "accept", "ann", reason="   ")
+    assert st.decisions(ng) == []  # nothing written
+    st.record_decision(unc, "accept", "ann")  # an UNCERTAIN part may be accepted without one
+    st.record_decision(ng, "reject", "ann", mask_sha256="f" * 64)  # rejecting never needs one
+    d = st.record_decision(ng, "accept", "bob", reason="false-alarm")
+    assert d["reason"] == "false-alarm"
+    trail = st.decisions(ng)
+    assert [(t["decision"], t["mask_sha256"]) for t in trail] == [("reject", "f" * 64), ("accept", None)]
+    audit = [a for a in st.audit_log(limit=None) if a["action"] == "decision"]
+    assert {a["details"]["mask_sha256"] for a in audit} == {None, "f" * 64}
+
+
+def test_evidence_is_the_latest_decision_per_inspection(tmp_path):
+    st = Store(f"sqlite:///{tmp_path}/db.sqlite")
+    a = st.record_inspection(**{**_row(1), "verdict": "NG", "image_sha256": "a" * 64})
+    b = st.record_inspection(**{**_row(2), "verdict": "OK", "image_sha256": "b" * 64})
+    st.record_inspection(**{**_row(3), "verdict": "NG"})  # undecided: no evidence
+    st.record_inspection(**{**_row(4), "product": "other", "verdict": "NG"})
+    st.record_decision(a, "reject", "ann")
+    st.record_decision(b, "accept", "ann")
+    last = st.record_decision(a, "accept", "bob", reason="false-alarm", note="dust")
+    rows = st.evidence("p")
+    assert [(r["inspection_id"], r["decision"], r["operator"]) for r in rows] == [(b, "accept", "ann"),
+                                                                                  (a, "accept", "bob")]
+    r = rows[1]
+    assert r["decision_id"] == last["id"] and r["image_sha256"] == "a" * 64 and r["verdict"] == "NG"
+    assert r["reason"] == "false-alarm" and r["model_version"] == "v1" and r["decided_at"].tzinfo is not None
+    assert st.evidence("other") == []
+
+
+def test_shadow_tally_counts_agreement_and_who_was_right(tmp_path):
+    """Each part's active verdict, candidate verdict and (maybe) decision, and what the tally must say."""
+    st = Store(f"sqlite:///{tmp_path}/db.sqlite")
+    parts = [  # (active, candidate, decision)
+        ("NG", "OK", "accept"),  # false alarm avoided
+        ("UNCERTAIN", "OK", "accept"),  # false alarm avoided (a review saved)
+        ("OK", "NG", "accept"),  # false alarm added
+        ("NG", "OK", "reject"),  # defect missed by the candidate
+        ("OK", "UNCERTAIN", "reject"),  # defect caught by the candidate only
+        ("NG", "NG", "reject"),  # both right
+        ("OK", "OK", None),  # agree, undecided
+        ("NG", "UNCERTAIN", None),  # disagree, undecided
+    ]
+    ids = []
+    for i, (active, cand, decision) in enumerate(parts):
+        iid = st.record_inspection(**{**_row(i), "verdict": active})
+        ids.append(iid)
+        st.record_shadow(inspection_id=iid, product="p", version="cand", score=float(i), verdict=cand,
+                         heatmap_path=f"/h/{i}.png" if active != cand else None)
+        if decision:
+            st.record_decision(iid, decision, "ann", reason="false-alarm")
+    dropped = st.record_inspection(**_row(90))
+    st.record_shadows([{"inspection_id": dropped, "product": "p", "version": "cand", "error": "dropped: full"}])
+    failed = st.record_inspection(**_row(91))
+    st.record_shadow(inspection_id=failed, product="p", version="cand", error="RuntimeError: boom")
+    st.record_shadow(inspection_id=ids[0], product="p", version="other", score=0.0, verdict="NG")  # another candidate
+    t = st.shadow_tally("p", "cand")
+    assert {k: t[k] for k in ("scored", "dropped", "failed", "agree", "disagree", "decided")} == {
+        "scored": 8, "dropped": 1, "failed": 1, "agree": 2, "disagree": 6, "decided": 6}
+    assert {k: t[k] for k in ("false_alarms_avoided", "false_alarms_added", "defects_missed", "defects_caught")} == {
+        "false_alarms_avoided": 2, "false_alarms_added": 1, "defects_missed": 1, "defects_caught": 1}
+    # flagged = not OK; right = flagged exactly when a defect. Candidate right on 0, 1, 4, 5; active on 2, 3, 5
+    assert (t["candidate_right"], t["candidate_wrong"]) == (4, 2)
+    assert (t["active_right"], t["active_wrong"]) == (3, 3)
+    dis = st.disagreements("p", "cand")
+    assert [d["id"] for d in dis] == [ids[i] for i in (7, 4, 3, 2, 1, 0)]  # newest first
+    assert dis[-1]["verdict"] == "NG" and dis[-1]["shadow_verdict"] == "OK" and dis[-1]["shadow_heatmap_path"] == "/h/0.png"
+    assert dis[-1]["decision"] == "accept" and dis[0]["decision"] is None
+    assert st.shadow_tally("p", "other")["scored"] == 1 and st.shadow_tally("p", "none")["scored"] == 0

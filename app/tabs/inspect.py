@@ -7,7 +7,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app import views
-from app.common import _error, _operator, _upload_label, _user
+from app.common import _error, _operator, _upload_label, _user, reason_refusal
 from inspector.io import ImageError, read_image
 from inspector.products.heatmap import MAX_SIDE
 from inspector.products.heatmap import overlay as heat_overlay
@@ -107,6 +107,10 @@ class InspectTab:
         if inspection_id is None:
             raise _error("Inspect an image first.")
         who = _operator(operator, request)
+        refusal = reason_refusal(self.store.get(int(inspection_id)).get("verdict"), decision, reason)
+        if refusal:  # nothing recorded, nothing asked: the sentence says what is missing
+            return (refusal, views.decisions_html(self.store.decisions(int(inspection_id))), gr.update(visible=False),
+                    None)
         trail = self.store.decisions(int(inspection_id))
         if trail:
             last = trail[-1]
@@ -130,6 +134,9 @@ class InspectTab:
         if not pending:
             return gr.skip(), gr.skip(), gr.update(visible=False), None
         who = _operator(operator, request)
+        refusal = reason_refusal(self.store.get(pending["id"]).get("verdict"), pending["decision"], reason)
+        if refusal:  # the change stays pending until a reason is chosen
+            return refusal, gr.skip(), gr.skip(), pending
         row = self._decide(pending["id"], pending["decision"], who, reason, note, expect_latest=pending["latest"])
         return (self._decided_msg(row), views.decisions_html(self.store.decisions(pending["id"])),
                 gr.update(visible=False), None)
@@ -179,7 +186,7 @@ class InspectTab:
                         ui.rej_btn = gr.Button("Reject (R)", variant="stop", interactive=False,
                                                elem_id="reject-button", elem_classes="kbd-reject")
                     with gr.Row():
-                        ui.in_reason = gr.Dropdown(["", *REASON_CODES], value="", label="Reason (optional)",
+                        ui.in_reason = gr.Dropdown(["", *REASON_CODES], value="", label="Reason (required to accept an NG part)",
                                                    elem_id="inspect-reason")
                         ui.in_note = gr.Textbox(label="Note (optional)", max_length=500, elem_id="inspect-note")
                     with gr.Row(visible=False, elem_id="confirm-row") as ui.confirm_row:

@@ -1,6 +1,8 @@
 """The Register tab's left column: a new product from 1-8 images of good parts (fit, generated
 defects, calibration), with the registration's progress; every product list then learns the new
-name without switching anyone's choice. The right column is :mod:`app.tabs.calibrate`.
+name without switching anyone's choice. Below it, the chosen product's selection decision: which
+optional detector parts its own real evidence switched on, with the numbers. The right column is
+:mod:`app.tabs.calibrate`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app import views
 from app.common import FALLBACK_CHOICE, _error, _generator_choice, _generator_choices, _user, log
 from inspector.io import ImageError, read_image
 from inspector.paths import NAME_RE
@@ -56,6 +59,18 @@ class RegisterTab:
                "Operators keep inspecting their current product until they choose this one.")
         return (msg, gr.update(choices=self.product_names(), value=product.name), *self._calibration(product.name))
 
+    def on_selection_view(self, name: str | None) -> str:
+        """The product's selection decision in words (GraphCore's optional parts, switched on only
+        by the product's own real evidence): what the active version's product.json records."""
+        if not name:
+            return ""
+        try:
+            p = self.registry.get(name)
+        except KeyError:
+            return ""
+        sel = (p.registration or {}).get("selection")
+        return f"Version `{p.version}`, {p.detector}: " + views.selection_markdown(sel, p.detector)
+
     def on_products_changed(self, *current):
         """After a registration: every product list gets the new names, but each keeps the product
         its user chose (a registration must not switch what an operator is inspecting)."""
@@ -93,6 +108,9 @@ class RegisterTab:
                     ui.rg_replace = gr.Checkbox(False, label="Replace the product if it exists")
                     ui.rg_btn = gr.Button("Register", variant="primary", elem_id="register-button")
                     ui.rg_status = gr.Markdown(elem_id="register-status")
+                    gr.Markdown("### Detector parts\nWhich optional parts the chosen product (right) uses, and "
+                                "why: only its own real evidence can switch one on.")
+                    ui.rg_selection = gr.Markdown(elem_id="register-selection")
                 with gr.Column(scale=4):
                     self.layout_calibrate(ui, names, first)
 
@@ -106,3 +124,8 @@ class RegisterTab:
             [ui.in_product, ui.lv_product, ui.bt_product, ui.sy_product, ui.cb_product],
             [ui.in_product, ui.lv_product, ui.bt_product, ui.sy_product, ui.hs_product, ui.rv_product],
             api_name=False)
+        # the selection decision follows the product chosen in the calibration column
+        ui.cb_product.change(self.on_selection_view, [ui.cb_product], [ui.rg_selection], api_name=False,
+                             show_progress="hidden")
+        ui.register_tab.select(self.on_selection_view, [ui.cb_product], [ui.rg_selection], api_name=False,
+                               show_progress="hidden")

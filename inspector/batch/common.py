@@ -8,6 +8,8 @@ agree on every rule that shapes a row. Those rules are stated once here:
 * **loading** (:func:`iter_files`, :func:`load_file`, :func:`decode_file`): what a folder yields,
   how a file is read, hashed, decoded and reduced to the model's input size plus a display copy;
   a file that cannot be scored becomes a :class:`Loaded` item with its reason, never an exception;
+* **evidence**: a file that decodes is kept in the evidence store (its bytes, under the sha256 its
+  row records: the station's rule for a file) when it is loaded, so before its row commits;
 * **rows**: :func:`result_row` for a scored file, :func:`error_row` for anything that got no
   score (a bad file, a file whose scoring failed, and beyond batches a bad upload at the station,
   a part dropped on the line, a row the store could not write) -- one ERROR row everywhere;
@@ -128,9 +130,11 @@ def iter_files(folder: Path, exclude: tuple[Path, ...] = ()) -> Iterator[Path]:
 
 
 def decode_file(path: Path, data: bytes, name: str, max_pixels: int | None = None,
-                resize: Callable | None = None) -> Loaded:
+                resize: Callable | None = None, evidence=None) -> Loaded:
     """Hash + decode the bytes of one file; never raises for bad input (returns the reason).
-    ``resize``: the model's input resize (``Preprocess.resize``); then a display copy is kept too."""
+    ``resize``: the model's input resize (``Preprocess.resize``); then a display copy is kept too.
+    ``evidence``: an :class:`~inspector.products.feedback.images.EvidenceImages` that keeps the
+    bytes of a file that decodes (under its sha256; a file that does not is no evidence)."""
     sha = bytes_sha256(data)
     try:
         rgb = imio.read_image(data, max_pixels=max_pixels, name=name)
@@ -138,16 +142,29 @@ def decode_file(path: Path, data: bytes, name: str, max_pixels: int | None = Non
         return Loaded(path, sha, None, exc.reason)
     except Exception as exc:  # a decoder crash on a hostile file is that file's problem only
         return Loaded(path, sha, None, f"unreadable image ({type(exc).__name__}: {exc})")
+    if evidence is not None:
+        keep_evidence(evidence, data, sha)
     if resize is None:
         return Loaded(path, sha, rgb, None, rgb)
     return Loaded(path, sha, resize(rgb), None, display_copy(rgb))
 
 
+def keep_evidence(evidence, data: bytes, sha: str) -> bool:
+    """Keep one file's bytes in the evidence store; a failure (disk error) is logged, never
+    raised: evidence must not stop a batch."""
+    try:
+        return evidence.put(data, sha)
+    except Exception:  # noqa: BLE001
+        log.exception("evidence: could not keep image %s", sha[:12])
+        return False
+
+
 def load_file(path: Path, max_pixels: int | None = None, resize: Callable | None = None,
-              roots: tuple[Path, ...] | None = None) -> Loaded:
+              roots: tuple[Path, ...] | None = None, evidence=None) -> Loaded:
     """Read + hash + decode one local file; never raises for bad input (returns the reason).
     ``resize``: the model's input resize (``Preprocess.resize``), applied here in the worker.
-    ``roots``: the opened file (symlinks resolved) must lie under one of them."""
+    ``roots``: the opened file (symlinks resolved) must lie under one of them.
+    ``evidence``: where the file's bytes are kept (see :func:`decode_file`)."""
     try:
         if os.path.islink(path) and os.path.isdir(path):
             raise imio.ImageError(str(path), "a link to a folder (not followed)")
@@ -156,7 +173,7 @@ def load_file(path: Path, max_pixels: int | None = None, resize: Callable | None
         return Loaded(path, None, None, exc.reason)
     except Exception as exc:  # noqa: BLE001 - one file's problem only
         return Loaded(path, None, None, f"unreadable ({type(exc).__name__}: {exc})")
-    return decode_file(path, data, str(path), max_pixels, resize)
+    return decode_file(path, data, str(path), max_pixels, resize, evidence)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,5 +369,5 @@ class BatchProgress:
 
 
 __all__ = ["HEATMAP_MODES", "BatchProgress", "BatchSummary", "Loaded", "Scored", "batch_id_for", "check_heatmaps",
-           "decode_file", "display_copy", "error_row", "heatmap_dir", "heatmap_file", "iter_files", "load_file",
+           "decode_file", "display_copy", "error_row", "keep_evidence", "heatmap_dir", "heatmap_file", "iter_files", "load_file",
            "report_dir", "result_row", "score_items", "scored_rows", "settle_heatmaps", "summarize"]

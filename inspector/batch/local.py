@@ -25,6 +25,8 @@
   images (a seeded shuffle of the whole file list, so subsets mix the folder's classes), each
   together with the product's reference shots. Subset membership depends only on the file list,
   so a resumed batch recomputes an interrupted subset identically and records only what is missing.
+* **Evidence.** With ``evidence`` (the station passes its evidence store), every file that
+  decodes is kept there as it is loaded, before its row commits (:mod:`inspector.batch.common`).
 * **Reports.** At the end, ``results.csv`` and ``report.html`` (score histogram, worst images with
   their heatmaps, errors) in ``out_dir`` cover the whole batch, including rows from earlier runs.
 
@@ -66,19 +68,19 @@ from inspector.verdict import ERROR
 
 
 def _prefetch(pool: ThreadPoolExecutor, paths: list[Path], window: int, max_pixels, resize,
-              roots=None) -> Iterator[Loaded]:
+              roots=None, evidence=None) -> Iterator[Loaded]:
     """Decode ahead in ``pool`` with at most ``window`` files in flight, in order."""
     it = iter(paths)
     pending: deque[Future] = deque()
     for p in it:
-        pending.append(pool.submit(load_file, p, max_pixels, resize, roots))
+        pending.append(pool.submit(load_file, p, max_pixels, resize, roots, evidence))
         if len(pending) >= window:
             break
     while pending:
         item = pending.popleft().result()
         nxt = next(it, None)
         if nxt is not None:
-            pending.append(pool.submit(load_file, nxt, max_pixels, resize, roots))
+            pending.append(pool.submit(load_file, nxt, max_pixels, resize, roots, evidence))
         yield item
 
 
@@ -87,13 +89,18 @@ def run_batch(folder: str | os.PathLike, product, registry, store, out_dir: str 
               heatmaps: str = "all", data_dir: str | os.PathLike | None = None, workers: int | None = None,
               max_pixels: int | None = None, musc_subset: int = 64,
               on_progress: Callable[[int, int], None] | None = None, report: bool = True,
-              roots: tuple[str | os.PathLike, ...] | None = None) -> BatchSummary:
+              roots: tuple[str | os.PathLike, ...] | None = None,
+              on_recorded: Callable[[list[dict]], None] | None = None, evidence=None) -> BatchSummary:
     """Score every file under ``folder`` with ``product`` (name or Product); see the module docstring.
 
     ``heatmaps``: ``all`` (a PNG per scored image), ``flagged`` (UNCERTAIN and NG only) or ``none``.
     ``resume=False`` starts a new batch (new id) instead of continuing the folder's batch.
     ``roots``: confine reads to these folders after symlink resolution (the station passes its
     allowed roots); a file whose link leads elsewhere gets an ERROR row, its content unread.
+    ``on_recorded(rows)``: called with each mini-batch's rows once they are committed (the
+    station's shadow mode hands them to its worker there; it must not block).
+    ``evidence``: an :class:`~inspector.products.feedback.images.EvidenceImages` that keeps every
+    file that decodes (the station passes its own); None keeps nothing.
     """
     t_start = time.perf_counter()
     prod = registry.get(product) if isinstance(product, str) else product
@@ -114,7 +121,8 @@ def run_batch(folder: str | os.PathLike, product, registry, store, out_dir: str 
     bar = BatchProgress(len(files), n_skipped, progress, f"{prod.name} {folder.name}", on_progress)
     workers = workers or min(4, os.cpu_count() or 1)
     ctx = _Ctx(prod, registry, store, rt, runtime, batch_id, folder, heatmap_dir(data_dir, batch_id), heatmaps,
-               bar, max_pixels, roots=None if roots is None else tuple(Path(r) for r in roots))
+               bar, max_pixels, roots=None if roots is None else tuple(Path(r) for r in roots),
+               on_recorded=on_recorded, evidence=evidence)
     n_new = 0
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="batch-io") as pool:
@@ -144,6 +152,8 @@ class _Ctx:
     max_pixels: int | None
     pool: ThreadPoolExecutor | None = None
     roots: tuple[Path, ...] | None = None
+    on_recorded: Callable[[list[dict]], None] | None = None
+    evidence: object | None = None
 
     def error_row(self, item: Loaded) -> dict:
         return error_row(self.prod.name, self.prod.version, str(item.path), item.error, image_sha256=item.sha256,
@@ -164,6 +174,8 @@ class _Ctx:
         """Wait for the rows' heatmaps, then insert the rows in one transaction; advance the bar."""
         settle_heatmaps(rows, futs)
         n = self.store.record_inspections(rows)
+        if self.on_recorded is not None and rows:
+            self.on_recorded(rows)
         self.bar.advance(len(rows), sum(1 for r in rows if r["verdict"] == ERROR))
         return n
 
@@ -184,7 +196,7 @@ def _run_independent(ctx: _Ctx, todo: list[Path], batch_size: int) -> int:
         pending = (errors + rows, futs)
         good, errors = [], []
 
-    for item in _prefetch(ctx.pool, todo, 3 * batch_size, ctx.max_pixels, ctx.rt.resize, ctx.roots):
+    for item in _prefetch(ctx.pool, todo, 3 * batch_size, ctx.max_pixels, ctx.rt.resize, ctx.roots, ctx.evidence):
         if item.error is not None:
             errors.append(ctx.error_row(item))
         else:
@@ -211,7 +223,7 @@ def _run_mutual(ctx: _Ctx, files: list[Path], done: set[str], batch_size: int, s
         if not missing:
             continue
         rows, good, futs = [], [], []
-        for item in _prefetch(ctx.pool, members, 2 * batch_size, ctx.max_pixels, ctx.rt.resize, ctx.roots):
+        for item in _prefetch(ctx.pool, members, 2 * batch_size, ctx.max_pixels, ctx.rt.resize, ctx.roots, ctx.evidence):
             if item.error is not None:
                 if str(item.path) not in done:
                     rows.append(ctx.error_row(item))

@@ -15,6 +15,9 @@ so memory stays bounded whatever the number of files)::
 * **Decode tasks** (``num_cpus`` a quarter CPU each) read, hash (sha256) and decode each file and
   resize it to the model's input size (the same ``Preprocess.resize`` as every other path) plus a
   display copy for its heatmap. A bad file becomes an error row here, like the local engine's.
+  A file that decodes is kept in the evidence store here, before its row exists (the driver's
+  ``evidence`` store: each task process opens its folder, ``<data dir>/evidence`` on the shared
+  filesystem, with the driver's budget, as the station does).
 * **Scoring actors** (``workers`` of them; ``gpus_per_worker`` GPUs each when the cluster has GPUs)
   open the product registry and the store themselves (the registry under the data directory, the
   store at the driver's URL, with the driver's store class: this module knows no station), load
@@ -144,7 +147,7 @@ def _drop_done(batch, done):
 # ----------------------------------------------------------------------------------------------
 # Decode tasks
 # ----------------------------------------------------------------------------------------------
-def _load_uri(uri: str, max_pixels, resize) -> common.Loaded:
+def _load_uri(uri: str, max_pixels, resize, evidence=None) -> common.Loaded:
     """``load_file`` for a non-local URI (read through pyarrow's filesystems)."""
     import pyarrow.fs as pafs
 
@@ -157,20 +160,37 @@ def _load_uri(uri: str, max_pixels, resize) -> common.Loaded:
             data = f.read()
     except Exception as exc:
         return common.Loaded(Path(uri), None, None, f"unreadable: {exc}")
-    return common.decode_file(Path(uri), data, uri, max_pixels, resize)
+    return common.decode_file(Path(uri), data, uri, max_pixels, resize, evidence)
 
 
-def decode_batch(batch: dict, size: int, max_pixels: int | None, views: bool, roots: tuple[str, ...] | None = None
-                 ) -> dict:
+_EVIDENCE: dict[tuple[str, int], object] = {}
+
+
+def _evidence_store(spec: tuple[str, int] | None):
+    """The evidence store a decode task keeps its files in, opened once per worker process."""
+    if spec is None:
+        return None
+    key = (str(spec[0]), int(spec[1]))
+    if key not in _EVIDENCE:
+        from inspector.products.feedback.images import EvidenceImages
+
+        _EVIDENCE[key] = EvidenceImages(*key)
+    return _EVIDENCE[key]
+
+
+def decode_batch(batch: dict, size: int, max_pixels: int | None, views: bool, roots: tuple[str, ...] | None = None,
+                 evidence: tuple[str, int] | None = None) -> dict:
     """Ray Data task: ``{"path"}`` -> path, sha256, error, image (model input), view (display copy).
-    ``roots``: reads confined to these folders (as the local engine's ``roots``)."""
+    ``roots``: reads confined to these folders (as the local engine's ``roots``). ``evidence``:
+    ``(folder, max_bytes)`` of the evidence store that keeps each file that decodes."""
     from inspector.backbones.base import Preprocess
 
     resize = Preprocess(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).resize
     paths = [str(p) for p in batch["path"]]
     confine = None if roots is None else tuple(Path(r) for r in roots)
-    items = [_load_uri(p, max_pixels, resize) if "://" in p
-             else common.load_file(Path(decode_source(p)), max_pixels, resize, confine) for p in paths]
+    ev = _evidence_store(evidence)
+    items = [_load_uri(p, max_pixels, resize, ev) if "://" in p
+             else common.load_file(Path(decode_source(p)), max_pixels, resize, confine, ev) for p in paths]
     blank = np.zeros((size, size, 3), np.uint8)
     no_view = np.zeros((1, 1, 3), np.uint8)
     return {
@@ -346,13 +366,20 @@ class _StorePoller:
         self.poll()
 
 
+def _evidence_spec(evidence) -> tuple[str, int] | None:
+    """What a decode task needs to open the driver's evidence store: its folder and budget."""
+    if evidence is None or not evidence.enabled:
+        return None
+    return str(Path(evidence.root).resolve()), int(evidence.max_bytes)
+
+
 def run_batch_ray(source: str | os.PathLike, product, registry, store, out_dir: str | os.PathLike | None = None, *,
                   address: str | None = None, workers: int | None = None, gpus_per_worker: float | None = None,
                   cpus_per_worker: float | None = None, batch_size: int = 8, progress: bool = True,
                   resume: bool = True, runtime: str = "torch", heatmaps: str = "all",
                   data_dir: str | os.PathLike | None = None, max_pixels: int | None = None,
                   on_progress=None, report: bool = True, init_kwargs: dict | None = None,
-                  roots: tuple[str | os.PathLike, ...] | None = None) -> common.BatchSummary:
+                  roots: tuple[str | os.PathLike, ...] | None = None, evidence=None) -> common.BatchSummary:
     """Score every file of ``source`` (folder, glob or manifest) on Ray; see the module docstring.
     Arguments as :func:`inspector.batch.local.run_batch`, plus the cluster ``address`` (None: a local
     Ray instance), the number of scoring actors ``workers`` and their GPU/CPU shares."""
@@ -403,7 +430,8 @@ def run_batch_ray(source: str | os.PathLike, product, registry, store, out_dir: 
             scored = (todo.map_batches(decode_batch, batch_size=batch_size, num_cpus=DECODE_CPUS,
                                    fn_kwargs={"size": prod.image_size, "max_pixels": max_pixels,
                                               "views": heatmaps != "none",
-                                              "roots": None if roots is None else tuple(str(r) for r in roots)})
+                                              "roots": None if roots is None else tuple(str(r) for r in roots),
+                                              "evidence": _evidence_spec(evidence)})
                       .map_batches(Scorer, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=n_workers),
                                    num_cpus=cpus, num_gpus=gpus or None,
                                    fn_constructor_kwargs=dict(

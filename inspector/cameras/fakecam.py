@@ -82,14 +82,15 @@ class FakeCamera:
 
 
 @contextlib.contextmanager
-def fake_camera(serial: str | None = None):
-    """Start a fake GigE Vision camera (fresh serial unless given), holding the machine-wide lock."""
+def fake_camera(serial: str | None = None, timeout: float = 30.0):
+    """Start a fake GigE Vision camera (fresh serial unless given), holding the machine-wide lock;
+    ``timeout``: as :meth:`FakeCamera.start`."""
     lock = Path(tempfile.gettempdir()) / "inspector-fake-gv-camera.lock"
     with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         cam = FakeCamera(serial or f"T{os.getpid() % 100000}x{next(_serials)}")
         try:
-            yield cam.start()
+            yield cam.start(timeout)
         finally:
             cam.kill()
             fcntl.flock(fh, fcntl.LOCK_UN)

@@ -12,6 +12,8 @@ One detector = one package (or file) implementing :class:`Detector`:
 * ``capabilities``: what else the class offers, declared as data (:class:`Capabilities`), so
   that the product registry, the evaluator, the exporter and the shared CLIP pass read one
   declaration instead of probing methods and signatures.
+* :class:`FitEvidence`: a product's real evidence (operator-confirmed normals and defects),
+  preprocessed like the shots, for the detectors that declare the ``evidence`` fit option.
 
 The name -> class table is :mod:`inspector.detectors.registry`; the shared map operations
 (blur, upsampling, robust max) are :mod:`inspector.detectors.ops`.
@@ -58,6 +60,42 @@ class AnomalyResult:
         return AnomalyResult(torch.cat([r.maps for r in results]), torch.cat([r.scores for r in results]))
 
 
+@dataclass
+class FitEvidence:
+    """Real evidence for ``fit(images, evidence=...)``: confirmed parts, preprocessed like the shots.
+
+    ``normals [N,3,H,W]`` and ``defects [M,3,H,W]`` (either count may be 0) at the shots' size;
+    ``masks``: one per defect, ``[H,W]`` {0,1} float at the input resolution where an operator
+    drew where the defect is, else None (the label is then image-level only).
+    """
+
+    normals: Tensor
+    defects: Tensor
+    masks: list[Tensor | None]
+
+    def __post_init__(self):
+        for name in ("normals", "defects"):
+            t = getattr(self, name)
+            if t.ndim != 4 or t.shape[1] != 3:
+                raise ValueError(f"FitEvidence.{name} must be Tensor[N,3,H,W], got {tuple(t.shape)}")
+        if self.normals.shape[0] and self.defects.shape[0] and self.normals.shape[-2:] != self.defects.shape[-2:]:
+            raise ValueError(f"FitEvidence: normals {tuple(self.normals.shape)} and defects "
+                             f"{tuple(self.defects.shape)} differ in size")
+        self.masks = list(self.masks)
+        if len(self.masks) != self.defects.shape[0]:
+            raise ValueError(f"FitEvidence: {len(self.masks)} masks for {self.defects.shape[0]} defects")
+        for m in self.masks:
+            if m is not None and tuple(m.shape) != tuple(self.defects.shape[-2:]):
+                raise ValueError(f"FitEvidence: a mask of {tuple(m.shape)} for defects of {tuple(self.defects.shape[-2:])}")
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"normals": int(self.normals.shape[0]), "defects": int(self.defects.shape[0])}
+
+    def __len__(self) -> int:
+        return int(self.normals.shape[0] + self.defects.shape[0])
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a detector class offers beyond ``fit`` / ``score`` / ``state``, declared once.
@@ -72,7 +110,8 @@ class Capabilities:
       ``score`` runs (its ``torch_model``); with ``mode == "fit"`` also ``is_fitted``.
     * ``fit_options``: optional keywords ``fit`` accepts (``generator``: the defect generator a
       learned part trains on; ``reuse_head_of``: a fitted detector whose learned head to reuse;
-      ``progress``: a ``progress(stage, done, total)`` callback).
+      ``progress``: a ``progress(stage, done, total)`` callback; ``evidence``: a
+      :class:`FitEvidence` of the product's confirmed normals and defects).
     * ``needs_clip``: runs only on a ``clip/...`` backbone (``default_backbone`` when another is asked).
     * ``default_backbone``: the backbone it runs on when the caller's does not fit (or its own).
     * ``own_backbone``: brings its own network: ``load_backbone(name, device=, image_size=)``.
@@ -151,4 +190,4 @@ class Detector(Protocol):
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]: ...
 
 
-__all__ = ["MODES", "AnomalyResult", "Capabilities", "Detector", "SkipRun", "capabilities_of"]
+__all__ = ["MODES", "AnomalyResult", "Capabilities", "Detector", "FitEvidence", "SkipRun", "capabilities_of"]

@@ -7,6 +7,7 @@
     queue_size = 4           # frames waiting for inspection; beyond that parts are dropped (and reported)
     save_heatmaps = false    # heatmap PNG per part (costs time on every part; not in the bench/LINE.md timings)
     trigger_timeout_s = 5.0  # a software trigger whose frame does not come in time: part dropped
+    keep_ok_fraction = 0.1   # share of OK parts whose image is kept as evidence (NG/UNCERTAIN: all)
 
     [line.camera]            # GenICam settings (inspector.cameras.genicam.GenICamSettings)
     [line.opcua]             # OPC UA server (inspector.line.sinks.opcua.OpcUaSettings)
@@ -64,6 +65,8 @@ class LineConfig:
     queue_size: int = 4
     save_heatmaps: bool = False
     trigger_timeout_s: float = 5.0
+    #: share of OK parts whose image is kept as evidence (NG and UNCERTAIN always are; ERROR never)
+    keep_ok_fraction: float = 0.1
     camera: GenICamSettings = field(default_factory=lambda: GenICamSettings(trigger="software"))
     opcua: OpcUaSettings = field(default_factory=OpcUaSettings)
     modbus: ModbusSettings = field(default_factory=ModbusSettings)
@@ -87,11 +90,13 @@ class LineConfig:
                 v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
             elif k == "queue_size":
                 v = int(v)
-            elif k == "trigger_timeout_s":
+            elif k in ("trigger_timeout_s", "keep_ok_fraction"):
                 v = float(v)
             setattr(cfg, k, v)
         if cfg.queue_size < 1:
             raise ValueError("[line]: queue_size must be >= 1")
+        if not 0.0 <= cfg.keep_ok_fraction <= 1.0:
+            raise ValueError(f"[line]: keep_ok_fraction must lie in [0, 1], got {cfg.keep_ok_fraction}")
         return cfg
 
 

@@ -12,6 +12,14 @@ Two threads, so that the camera is never starved while the model works:
   :meth:`inspector.station.service.StationService.inspect` (which records the result: the source string carries
   the camera, frame id and device timestamp), and publishes a :class:`LineVerdict`.
 
+**Evidence images.** The station keeps inspected images as evidence for the learning loop
+(:mod:`inspector.products.feedback.images`); a line makes many parts, nearly all OK, so the
+pipeline keeps every NG and UNCERTAIN part (what operators review and decide) and a random
+``keep_ok_fraction`` of the OK ones (the confirmed normals of a refit; random, not every n-th part,
+so that a periodic line -- a multi-cavity mould, a rotary table -- is not sampled on one cavity).
+Frames with verdict ERROR are not kept. A kept image is written before its row commits, on the
+inspection thread: that write (a PNG of the frame, fsynced) is part of a kept part's latency.
+
 Software triggers are matched to frames in order; a trigger whose frame does not come within
 ``trigger_timeout_s`` (a camera ignores triggers while it is still busy with the last one) is a
 dropped part too. Latency is measured from the trigger (software: when :meth:`LinePipeline.trigger` was called;
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections import deque
@@ -109,10 +118,17 @@ class LinePipeline:
     listeners: list[Listener] = field(default_factory=list)
     #: free-run only: called with the product for each frame dropped (no part verdict is published)
     drop_listeners: list[Callable[[str], None]] = field(default_factory=list)
+    #: share of OK parts whose image is kept as evidence (NG and UNCERTAIN: always; ERROR: never)
+    keep_ok_fraction: float = 0.1
+    #: seed of the OK sample (None: a fresh one per pipeline)
+    keep_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
             raise ValueError("queue_size must be >= 1")
+        if not 0.0 <= self.keep_ok_fraction <= 1.0:
+            raise ValueError(f"keep_ok_fraction must lie in [0, 1], got {self.keep_ok_fraction}")
+        self._keep_rng = random.Random(self.keep_seed)
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.model_ready = False
         self.last: LineVerdict | None = None
@@ -251,7 +267,8 @@ class LinePipeline:
             frame, meta = job.frame, job.frame.meta or {}
             try:
                 rec = self.station.inspect(product, frame.image, source=_source(self.camera, frame),
-                                           runtime=self.runtime, save_heatmap_png=self.save_heatmaps)
+                                           runtime=self.runtime, save_heatmap_png=self.save_heatmaps,
+                                           keep_image=self.keep_image)
                 verdict = str(rec.verdict) if rec.verdict is not None else ERROR
                 out = (verdict, rec.score, rec.id, rec.error)
             except Exception as exc:  # noqa: BLE001 - one bad part never stops the line
@@ -260,6 +277,16 @@ class LinePipeline:
             self._publish(LineVerdict(0, product, out[0], out[1], meta.get("frame_id"),
                                       meta.get("device_timestamp_ns"), out[2],
                                       time.monotonic() - job.t_trigger, out[3]))
+
+    def keep_image(self, verdict) -> bool:
+        """Whether a part with this verdict has its image kept as evidence (see the module
+        docstring): NG and UNCERTAIN always, OK with probability ``keep_ok_fraction``, else never."""
+        v = str(verdict)
+        if v in ("NG", "UNCERTAIN"):
+            return True
+        if v != "OK" or self.keep_ok_fraction <= 0.0:
+            return False
+        return self.keep_ok_fraction >= 1.0 or self._keep_rng.random() < self.keep_ok_fraction
 
     @property
     def triggered(self) -> bool:

@@ -38,7 +38,8 @@ class LineStation:
         self.data_dir = Path(data_dir or station.data_dir)
         self.camera = camera or make_line_camera(cfg)
         self.pipeline = LinePipeline(station, cfg.product, self.camera, queue_size=cfg.queue_size,
-                                     save_heatmaps=cfg.save_heatmaps, trigger_timeout_s=cfg.trigger_timeout_s)
+                                     save_heatmaps=cfg.save_heatmaps, trigger_timeout_s=cfg.trigger_timeout_s,
+                                     keep_ok_fraction=cfg.keep_ok_fraction)
         self.metrics = LineMetrics(self.pipeline)
         self.pipeline.listeners.append(self.metrics.on_verdict)
         self.pipeline.drop_listeners.append(self.metrics.on_dropped_frame)

@@ -53,11 +53,15 @@ class HeldOut(NamedTuple):
 
 def held_out_scores(shots: list[np.ndarray], fold_runtime: Callable[[list[np.ndarray]], object], *,
                     n_synthetic: int, seed: int, gen=None, zero_shot: bool = False,
-                    progress: Progress | None = None) -> HeldOut:
+                    progress: Progress | None = None, max_folds: int = MAX_FOLDS) -> HeldOut:
     """Score each shot (fold ``i`` of at most :data:`MAX_FOLDS`), its views and its share of the
     generated defects with ``fold_runtime(others)``: a runtime (``preprocess``/``score_tensor``,
     :class:`~inspector.products.runtime.TorchRuntime`) built from the shots other than ``i`` (all
     shots when there is only one). It is called after the fold's defects are generated.
+
+    ``max_folds`` below the number of folds groups the shots instead: fold ``i`` holds out the
+    shots ``j`` with ``j % max_folds == i`` (a refit, whose bank is mostly confirmed normals,
+    refits fewer, cheaper folds this way).
 
     ``zero_shot``: the model never saw the shots, so a single shot's own score is held-out too.
     The defects' severities are stratified over [0, 1] across all folds; ``gen`` is the resolved
@@ -71,7 +75,12 @@ def held_out_scores(shots: list[np.ndarray], fold_runtime: Callable[[list[np.nda
     rng_def = np.random.default_rng([seed, 1])
     all_sev = draw_severities(n_synthetic, rng_def, None)
     k = len(shots)
-    folds = list(range(min(k, MAX_FOLDS)))
+    n_folds = min(k, MAX_FOLDS)
+    if max_folds < n_folds:
+        n_folds = max(1, max_folds)
+        folds = [[j for j in range(k) if j % n_folds == i] for i in range(n_folds)]
+    else:
+        folds = [[i] for i in range(n_folds)]
     per_fold = [n_synthetic // len(folds) + (1 if i < n_synthetic % len(folds) else 0) for i in range(len(folds))]
     normal: list[float] = []
     defects: list[float] = []
@@ -79,14 +88,16 @@ def held_out_scores(shots: list[np.ndarray], fold_runtime: Callable[[list[np.nda
     lows: list[float] = []
     report_progress(progress, "held-out scoring", 0, len(folds))
     made = 0
-    for i, n_def in zip(folds, per_fold):
-        others = [s for j, s in enumerate(shots) if j != i] or [shots[i]]
-        queries_normal = ([shots[i]] if (k > 1 or zero_shot) else []) + \
-            [augmented_view(shots[i], rng) for _ in range(N_VIEWS)]
+    for i, (held, n_def) in enumerate(zip(folds, per_fold)):
+        others = [s for j, s in enumerate(shots) if j not in held] or [shots[j] for j in held]
+        queries_normal = []
+        for j in held:
+            queries_normal += ([shots[j]] if (k > 1 or zero_shot) else []) + \
+                [augmented_view(shots[j], rng) for _ in range(N_VIEWS)]
         sev = all_sev[len(severities):len(severities) + n_def]
         severities += [float(v) for v in sev]
-        queries_defect = [img for img, _ in generate_defects([shots[i]], n_def, rng_def, gen, severity=sev)] \
-            if n_def else []
+        queries_defect = [img for img, _ in generate_defects([shots[j] for j in held], n_def, rng_def, gen,
+                                                             severity=sev)] if n_def else []
         made += n_def
         report_progress(progress, "generated defects", made, n_synthetic)
         rt = fold_runtime(others)

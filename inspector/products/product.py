@@ -3,14 +3,21 @@ the product errors.
 
 A product is a folder ``<root>/<name>/``::
 
-    product.json               what the product is (detector, backbone, thresholds, calibration,
-                               version); written last, atomically: the commit point of every change
-    state-<model_hash>.safetensors / .json    the detector state (safetensors + JSON, no pickle)
+    product.json               the *active* version's record (what the product is: detector,
+                               backbone, thresholds, calibration, version) plus its activation
+                               ``history`` and the ``shadow`` candidate; written last, atomically:
+                               the commit point of every change
+    versions/<version>.json    every version ever made, immutable (the same record + parent,
+                               origin: action, actor, evidence used, before/after table)
+    state-<model_hash>.safetensors / .json    the detector state (safetensors + JSON, no pickle),
+                               kept while any version refers to it
     shots/<sha16>.png          the registered normal shots (refits; MuSc's reference set)
+    refs/<sha16>.png           confirmed normals a MuSc version adds to its reference set
 
 ``version`` (:func:`product_version`) is a content hash of the detector state, its configuration,
 the backbone and the thresholds: any change that can change a verdict changes the version. The
-registry (:mod:`inspector.products.registry`) writes and reads these folders.
+registry (:mod:`inspector.products.registry`) writes and reads these folders; version files and
+the history are :mod:`inspector.products.versions`.
 """
 
 from __future__ import annotations
@@ -72,6 +79,13 @@ class Product:
     model_hash: str = ""
     shot_files: list[str] = field(default_factory=list)
     registration: dict = field(default_factory=dict)
+    #: the version this one was made from (None: a first registration, or a pre-versions product)
+    parent: str | None = None
+    #: confirmed normals a mutual (MuSc) version scores with, beside its shots (``refs/<sha16>.png``)
+    reference_files: list[str] = field(default_factory=list)
+    #: how the version was made: ``action``, ``actor``, ``at``, the ``evidence`` used (counts and
+    #: ``items``: sha256 + label) and the before/after ``table`` of a refit
+    origin: dict = field(default_factory=dict)
     path: Path | None = None
     #: the :class:`~inspector.products.registry.ProductRegistry` that loaded it (serves inspect)
     _registry: Any = field(default=None, repr=False, compare=False)
@@ -100,6 +114,15 @@ class Product:
     def shot_images(self) -> list[np.ndarray]:
         return [read_image(self.path / f) for f in self.shot_files]
 
+    def reference_images(self) -> list[np.ndarray]:
+        """What a mutual (MuSc) version scores an image with: its shots and its confirmed normals."""
+        return [read_image(self.path / f) for f in self.shot_files + self.reference_files]
+
+    @property
+    def ref(self) -> str:
+        """``name@version``: this very version, wherever a product name is accepted."""
+        return f"{self.name}@{self.version}"
+
     def to_json(self) -> dict:
         return {
             "format": FORMAT,
@@ -117,6 +140,9 @@ class Product:
             "registration": self.registration,
             "created": self.created,
             "updated": self.updated,
+            "parent": self.parent,
+            "reference_files": self.reference_files,
+            "origin": self.origin,
         }
 
     @classmethod
@@ -127,7 +153,9 @@ class Product:
             calibration=d.get("calibration", {}), shots=int(d.get("shots", len(d.get("shot_files", [])))),
             created=d.get("created", ""), updated=d.get("updated", ""), image_size=int(d.get("image_size", 0)),
             detector_config=d.get("detector_config", {}), model_hash=d.get("model_hash", ""),
-            shot_files=list(d.get("shot_files", [])), registration=d.get("registration", {}), path=path,
+            shot_files=list(d.get("shot_files", [])), registration=d.get("registration", {}),
+            parent=d.get("parent"), reference_files=list(d.get("reference_files", [])), origin=d.get("origin", {}),
+            path=path,
         )
 
     def summary(self) -> dict:

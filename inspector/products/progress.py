@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 #: The stages a registration reports, in order ("generated defects" interleaves with the folds).
 REGISTER_STAGES = ("held-out scoring", "generated defects", "fit", "save")
+#: The stages a refit reports (:meth:`~inspector.products.registry.ProductRegistry.refit`):
+#: "before" scores the evidence with the active version, "evidence" obtains the candidate's
+#: held-out scores of it; the others as in a registration.
+REFIT_STAGES = ("before", "fit", "evidence", "held-out scoring", "generated defects", "save")
 
 
 def report_progress(progress: Progress | None, stage: str, done: int, total: int) -> None:
@@ -40,9 +44,13 @@ class StageProgress:
     # share of the whole registration each stage takes (measured on the sample product)
     # (fit first: its learned head is reused by the held-out folds)
     SPANS = {"fit": (0.02, 0.55), "held-out scoring": (0.55, 0.95), "save": (0.95, 1.0)}
+    #: the same for a refit (:data:`REFIT_STAGES`)
+    REFIT_SPANS = {"before": (0.0, 0.05), "fit": (0.05, 0.5), "evidence": (0.5, 0.6),
+                   "held-out scoring": (0.6, 0.95), "save": (0.95, 1.0)}
 
-    def __init__(self, sink: Callable[[float, str], object]):
+    def __init__(self, sink: Callable[[float, str], object], spans: dict | None = None):
         self.sink = sink  # sink(fraction, description)
+        self.spans = self.SPANS if spans is None else spans
         self.t0 = time.perf_counter()
         self.defects = ""
 
@@ -50,11 +58,13 @@ class StageProgress:
         if stage == "generated defects":
             self.defects = f" · {done}/{total} generated defects"
             return
-        a, b = self.SPANS.get(stage, (0.0, 0.0))
+        a, b = self.spans.get(stage, (0.0, 0.0))
         frac = a + (b - a) * (done / total if total else 1.0)
         elapsed = time.perf_counter() - self.t0
         eta = f" · about {elapsed * (1 - frac) / frac:.0f} s left" if frac > 0.05 else ""
         what = {"held-out scoring": f"held-out scoring fold {done}/{total}" + self.defects,
+                "before": f"scoring the evidence with the active version {done}/{total}",
+                "evidence": "held-out scores of the evidence" + (" done" if done >= total else ""),
                 "fit": "fitting the detector on all shots" if done < total else "fitted",
                 "save": "saving" if done < total else "saved"}.get(stage, f"{stage} {done}/{total}")
         self.sink(frac, f"{what} · {elapsed:.0f} s{eta}")
@@ -80,4 +90,4 @@ class StartupStatus:
             return self.message, self.fraction, self.state, time.monotonic() - self.t0
 
 
-__all__ = ["REGISTER_STAGES", "Progress", "StageProgress", "StartupStatus", "report_progress"]
+__all__ = ["REFIT_STAGES", "REGISTER_STAGES", "Progress", "StageProgress", "StartupStatus", "report_progress"]

@@ -18,6 +18,7 @@ Example ``station.toml``::
     live_interval = 1.0         # seconds between live inspections
     login_max_failures = 5      # wrong passwords per user name before a lockout...
     login_lockout_s = 300       # ...of this long (doubling on repeat offences)
+    evidence_max_gb = 2.0       # disk kept for inspected images (evidence for the learning loop); 0: keep none
 
     [cameras]                   # named sources: operators type the name
     line1 = "rtsp://cam1.local/stream"
@@ -36,7 +37,8 @@ one message that says nothing about what exists (:meth:`StationConfig.camera_sou
 Environment: ``INSPECTOR_HOST``, ``INSPECTOR_PORT``, ``INSPECTOR_DATA``, ``INSPECTOR_CONFIG``
 (path of the file), ``INSPECTOR_USERS`` (``"alice:pw,bob:sha256:..."``),
 ``INSPECTOR_MAX_FILE_SIZE``, ``INSPECTOR_BATCH_ROOTS`` (``os.pathsep``-separated),
-``INSPECTOR_CONCURRENCY``, ``INSPECTOR_CAMERA``, ``INSPECTOR_RAY_ADDRESS`` (Batch tab on a Ray cluster).
+``INSPECTOR_CONCURRENCY``, ``INSPECTOR_CAMERA``, ``INSPECTOR_RAY_ADDRESS`` (Batch tab on a Ray cluster),
+``INSPECTOR_EVIDENCE_MAX_GB``.
 
 Security notes for the whole station: README.md, "Security notes".
 """
@@ -54,6 +56,7 @@ from typing import Any
 
 from inspector.errors import InspectorError
 from inspector.paths import within
+from inspector.products.feedback.images import DEFAULT_MAX_GB
 from inspector.security.passwords import LoginGuard, is_weak_entry
 
 DEFAULT_HOST = "127.0.0.1"
@@ -112,6 +115,9 @@ class StationConfig:
     #: batches from uploaded zip files: limits against zip bombs
     max_zip_members: int = 5000
     max_zip_bytes: int = 2 * 1024**3
+    #: disk budget (GiB) of the evidence image store (inspector.products.feedback.images): every
+    #: inspected image is kept, undecided ones roll over oldest first; sized for a small disk; 0: off
+    evidence_max_gb: float = DEFAULT_MAX_GB
     #: the ``[line]`` tables (camera, trigger, OPC UA, Modbus, metrics): inspector.line.config.LineConfig
     line: dict = field(default_factory=dict)
 
@@ -148,6 +154,8 @@ class StationConfig:
             raise ConfigError("concurrency must be >= 1")
         if self.live_interval <= 0:
             raise ConfigError("live_interval must be > 0")
+        if not self.evidence_max_gb >= 0:  # (NaN too)
+            raise ConfigError(f"evidence_max_gb must be >= 0 (0: keep no images), got {self.evidence_max_gb}")
         for user, pw in self.users.items():
             if not user or not pw:
                 raise ConfigError("users: empty user name or password")
@@ -236,7 +244,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "port" or key in ("concurrency", "max_queue", "max_zip_members", "max_zip_bytes",
                                 "login_max_failures"):
         return int(value)
-    if key in ("live_interval", "login_lockout_s"):
+    if key in ("live_interval", "login_lockout_s", "evidence_max_gb"):
         return float(value)
     if key == "keep_uploads":
         return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
@@ -311,6 +319,7 @@ _ENV = {
     "INSPECTOR_CAMERA": "camera",
     "INSPECTOR_RAY_ADDRESS": "ray_address",
     "INSPECTOR_CAMERA_URLS": "camera_urls",
+    "INSPECTOR_EVIDENCE_MAX_GB": "evidence_max_gb",
 }
 
 

@@ -19,7 +19,16 @@ conflicting rows, so a resumed batch can never record one file twice. Distribute
 Operator decisions are an append-only trail (``decisions``: who, when, accept/reject, which earlier
 decision it replaces, optional reason code and note; SQLite triggers refuse UPDATE and DELETE on it).
 Each decision is also written to ``audit``; the ``decision``/``operator``/``decided_at`` columns of
-``inspections`` only cache the latest one for listing.
+``inspections`` only cache the latest one for listing. Accepting an NG part needs a reason code (a
+plant's usual rule: whoever passes a part the model rejected says why). A rejection may carry the
+sha256 of a defect mask the operator painted (``mask_sha256``; the PNG lives in the evidence image
+store, :mod:`inspector.products.feedback.images`). :meth:`Store.evidence` is the latest decision per
+inspection with its inspection: what :mod:`inspector.products.feedback.evidence` turns into evidence.
+
+Shadow results (``shadow_results``, append-only like ``decisions``): the verdict a candidate
+product version gave the same part, scored beside the active version without changing anything
+the station published (:mod:`inspector.station.shadow`). A part the shadow worker had no room for
+is a row with ``error`` starting ``dropped``, so the tally counts drops too.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    case,
     create_engine,
     event,
     func,
@@ -66,6 +76,14 @@ _ANY = object()  # "do not check" for record_decision(expect_latest=...)
 
 class DecisionConflict(ValueError):
     """The inspection's latest decision is not the one the operator saw (someone decided meanwhile)."""
+
+
+def check_reason(verdict: str | None, decision: str, reason: str | None) -> None:
+    """Accepting an NG part needs a reason code: the part becomes a confirmed normal (evidence the
+    next product version learns from), so whoever overrules the model says why. ValueError otherwise."""
+    if str(decision).lower() == "accept" and str(verdict or "").upper() == "NG" and not (reason or "").strip():
+        raise ValueError("accepting an NG part needs a reason code (one of " + ", ".join(REASON_CODES)
+                         + "): say why the part is good")
 
 metadata = MetaData()
 
@@ -117,8 +135,23 @@ decisions = Table(
     Column("operator", String(128), nullable=False),
     Column("decision", String(16), nullable=False),  # accept / reject
     Column("replaces", Integer, ForeignKey("decisions.id")),  # the decision this one supersedes
-    Column("reason", String(64)),  # optional reason code (REASON_CODES)
+    Column("reason", String(64)),  # optional reason code (REASON_CODES); required to accept an NG part
     Column("note", Text),
+    Column("mask_sha256", String(64)),  # v4: the operator's defect mask (evidence image store)
+)
+
+shadow_results = Table(
+    "shadow_results",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("inspection_id", Integer, ForeignKey("inspections.id"), nullable=False),
+    Column("product", String(64), nullable=False),
+    Column("version", String(64), nullable=False),  # the candidate (shadow) version
+    Column("score", Float),
+    Column("verdict", String(16)),  # the candidate's verdict; None when not scored (error set)
+    Column("heatmap_path", Text),
+    Column("error", Text),  # "dropped: ..." (no room on the shadow worker) or why scoring failed
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
 
@@ -157,9 +190,30 @@ def _migrate_decisions(conn: Connection) -> None:
                 "BEGIN SELECT RAISE(ABORT, 'decisions are append-only'); END")
 
 
+def _append_only(conn: Connection, table: str) -> None:
+    if conn.dialect.name == "sqlite":
+        for op in ("UPDATE", "DELETE"):
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{table} are append-only'); END")
+
+
+def _migrate_feedback(conn: Connection) -> None:
+    """The learning loop: ``decisions.mask_sha256`` and the append-only ``shadow_results``. The
+    column is added only where it is missing: on a fresh database step 3 already created
+    ``decisions`` from the current table definition, which has it."""
+    if "mask_sha256" not in {c["name"] for c in inspect(conn).get_columns("decisions")}:
+        conn.exec_driver_sql("ALTER TABLE decisions ADD COLUMN mask_sha256 VARCHAR(64)")
+    shadow_results.create(conn, checkfirst=True)
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_shadow_product_version "
+                         "ON shadow_results (product, version, inspection_id)")
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_shadow_inspection ON shadow_results (inspection_id)")
+    _append_only(conn, "shadow_results")
+
+
 #: (version, step) in order. Append new steps; never edit an applied one.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _migrate_v1), (2, _migrate_v2),
-                                                               (3, _migrate_decisions)]
+                                                               (3, _migrate_decisions), (4, _migrate_feedback)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -345,13 +399,15 @@ class Store:
         return self.record_decision(inspection_id, decision, operator, **kw)
 
     def record_decision(self, inspection_id: int, decision: str, operator: str | None, *, reason: str | None = None,
-                        note: str | None = None, expect_latest=_ANY) -> dict:
+                        note: str | None = None, expect_latest=_ANY, mask_sha256: str | None = None) -> dict:
         """Append an operator's review ("accept" or "reject") of one inspection; returns the new row.
 
-        ``operator`` must name a person (never blank). A second decision on the same inspection is
-        a new row that ``replaces`` the previous one; nothing is overwritten. ``expect_latest`` (the
-        id of the latest decision the operator was shown, or None for "none yet") guards against
-        silently replacing a decision someone else made meanwhile: :class:`DecisionConflict`.
+        ``operator`` must name a person (never blank). Accepting an NG part needs a ``reason``
+        (:func:`check_reason`). A second decision on the same inspection is a new row that
+        ``replaces`` the previous one; nothing is overwritten. ``expect_latest`` (the id of the
+        latest decision the operator was shown, or None for "none yet") guards against silently
+        replacing a decision someone else made meanwhile: :class:`DecisionConflict`.
+        ``mask_sha256``: the defect mask painted with a rejection (stored by the caller first).
         """
         decision = str(decision).lower()
         if decision not in DECISIONS:
@@ -363,10 +419,11 @@ class Store:
         note = (note or "").strip() or None
         now = utcnow()
         with self._write() as conn, conn.begin():
-            insp = conn.execute(select(inspections.c.id, inspections.c.product)
+            insp = conn.execute(select(inspections.c.id, inspections.c.product, inspections.c.verdict)
                                 .where(inspections.c.id == int(inspection_id))).first()
             if insp is None:
                 raise KeyError(f"no inspection with id {inspection_id}")
+            check_reason(insp.verdict, decision, reason)
             prev = conn.execute(select(decisions).where(decisions.c.inspection_id == int(inspection_id))
                                 .order_by(decisions.c.id.desc()).limit(1)).mappings().first()
             prev_id = None if prev is None else int(prev["id"])
@@ -374,13 +431,14 @@ class Store:
                 who = f"{prev['decision']} by {prev['operator']}" if prev is not None else "none"
                 raise DecisionConflict(f"inspection {inspection_id} was decided meanwhile (latest: {who})")
             row = {"inspection_id": int(inspection_id), "created_at": now, "operator": operator,
-                   "decision": decision, "replaces": prev_id, "reason": reason, "note": note}
+                   "decision": decision, "replaces": prev_id, "reason": reason, "note": note,
+                   "mask_sha256": mask_sha256}
             row["id"] = int(conn.execute(insert(decisions).values(**row)).inserted_primary_key[0])
             conn.execute(update(inspections).where(inspections.c.id == int(inspection_id))
                          .values(decision=decision, operator=operator, decided_at=now))
             details = {"inspection_id": int(inspection_id), "decision": decision, "decision_id": row["id"],
                        "replaces": prev_id, "previous": None if prev is None else prev["decision"],
-                       "reason": reason, "note": note}
+                       "reason": reason, "note": note, "mask_sha256": mask_sha256}
             conn.execute(insert(audit).values(created_at=now, actor=operator, action="decision",
                                               product=insp.product, details=json.dumps(details, sort_keys=True)))
         return row
@@ -463,6 +521,147 @@ class Store:
         with self.engine.connect() as conn:
             return set(conn.execute(select(inspections.c.source).where(inspections.c.batch_id == batch_id)).scalars())
 
+    def inspection_id(self, batch_id: str, source) -> int | None:
+        """The id of a batch's row for ``source`` (unique per batch), or None."""
+        with self.engine.connect() as conn:
+            v = conn.execute(select(inspections.c.id).where(inspections.c.batch_id == batch_id,
+                                                             inspections.c.source == encode_source(source))).scalar()
+        return None if v is None else int(v)
+
+    # -- evidence (latest decision per inspection) ------------------------------------------------
+    @staticmethod
+    def _latest_decisions():
+        """Subquery: the id of the latest decision of each decided inspection."""
+        return (select(decisions.c.inspection_id, func.max(decisions.c.id).label("decision_id"))
+                .group_by(decisions.c.inspection_id).subquery("latest"))
+
+    def evidence(self, product: str) -> list[dict]:
+        """The latest decision of every decided inspection of ``product`` joined with its
+        inspection, oldest decision first. Keys: ``inspection_id, decision_id, decision, operator,
+        reason, note, mask_sha256, decided_at`` (of the decision) and ``source, image_sha256,
+        score, verdict, model_version, heatmap_path, created_at, batch_id`` (of the inspection).
+        :func:`inspector.products.feedback.evidence.item_from_row` turns a row into evidence."""
+        latest = self._latest_decisions()
+        q = (select(latest.c.inspection_id, latest.c.decision_id, decisions.c.decision, decisions.c.operator,
+                    decisions.c.reason, decisions.c.note, decisions.c.mask_sha256,
+                    decisions.c.created_at.label("decided_at"), inspections.c.source, inspections.c.image_sha256,
+                    inspections.c.score, inspections.c.verdict, inspections.c.model_version,
+                    inspections.c.heatmap_path, inspections.c.created_at, inspections.c.batch_id)
+             .select_from(latest.join(decisions, decisions.c.id == latest.c.decision_id)
+                          .join(inspections, inspections.c.id == latest.c.inspection_id))
+             .where(inspections.c.product == product)
+             .order_by(latest.c.decision_id))
+        with self.engine.connect() as conn:
+            return [self._out(r) for r in conn.execute(q).mappings()]
+
+    # -- shadow results -------------------------------------------------------------------------
+    def record_shadow(self, *, inspection_id: int, product: str, version: str, score: float | None = None,
+                      verdict=None, heatmap_path=None, error: str | None = None) -> int:
+        """Append the candidate version's result for one inspection; returns its id."""
+        return self.record_shadows([dict(inspection_id=inspection_id, product=product, version=version,
+                                         score=score, verdict=verdict, heatmap_path=heatmap_path, error=error)])[0]
+
+    def record_shadows(self, rows: Iterable[dict]) -> list[int]:
+        """Append several shadow results in one transaction (the worker's dropped parts)."""
+        now = utcnow()
+        out = []
+        rows = [{"inspection_id": int(r["inspection_id"]), "product": str(r["product"]), "version": str(r["version"]),
+                 "score": None if r.get("score") is None else float(r["score"]),
+                 "verdict": None if r.get("verdict") is None else str(getattr(r["verdict"], "value", r["verdict"])),
+                 "heatmap_path": None if r.get("heatmap_path") is None else encode_source(r["heatmap_path"]),
+                 "error": None if r.get("error") is None else display(r["error"]), "created_at": now}
+                for r in rows]
+        if not rows:
+            return []
+        with self._write() as conn, conn.begin():
+            for r in rows:
+                out.append(int(conn.execute(insert(shadow_results).values(**r)).inserted_primary_key[0]))
+        return out
+
+    def shadow_rows(self, inspection_id: int) -> list[dict]:
+        """Every shadow result recorded for one inspection, oldest first."""
+        q = select(shadow_results).where(shadow_results.c.inspection_id == int(inspection_id)).order_by(
+            shadow_results.c.id)
+        with self.engine.connect() as conn:
+            return [self._out(r) for r in conn.execute(q).mappings()]
+
+    def shadow_tally(self, product: str, version: str) -> dict:
+        """How candidate ``version`` of ``product`` did in shadow, against the active verdicts and,
+        where an operator decided, against the truth (the latest decision, labelled by
+        :func:`~inspector.products.feedback.evidence.evidence_label`). A verdict other than OK
+        counts as *flagged* (NG is rejected, UNCERTAIN goes to review: both cost a look).
+
+        ``scored`` / ``dropped`` (no room on the worker) / ``failed``; ``agree`` / ``disagree``
+        (same verdict as the active version or not); ``decided`` (scored parts with a decision);
+        ``false_alarms_avoided`` (confirmed normal, active flagged, candidate OK),
+        ``false_alarms_added`` (confirmed normal, active OK, candidate flagged), ``defects_missed``
+        (confirmed defect, active flagged, candidate OK), ``defects_caught`` (confirmed defect,
+        active OK, candidate flagged); ``candidate_right`` / ``candidate_wrong`` and
+        ``active_right`` / ``active_wrong`` over the decided parts."""
+        from inspector.products.feedback.evidence import evidence_label
+
+        latest = self._latest_decisions()
+        kind = case((shadow_results.c.error.is_(None), "scored"),
+                    (shadow_results.c.error.like("dropped%"), "dropped"), else_="failed").label("kind")
+        q = (select(kind, shadow_results.c.verdict.label("shadow_verdict"), inspections.c.verdict,
+                    decisions.c.decision, func.count().label("n"))
+             .select_from(shadow_results.join(inspections, inspections.c.id == shadow_results.c.inspection_id)
+                          .outerjoin(latest, latest.c.inspection_id == shadow_results.c.inspection_id)
+                          .outerjoin(decisions, decisions.c.id == latest.c.decision_id))
+             .where(shadow_results.c.product == product, shadow_results.c.version == version)
+             .group_by(kind, shadow_results.c.verdict, inspections.c.verdict, decisions.c.decision))
+        keys = ("scored", "dropped", "failed", "agree", "disagree", "decided", "false_alarms_avoided",
+                "false_alarms_added", "defects_missed", "defects_caught", "candidate_right", "candidate_wrong",
+                "active_right", "active_wrong")
+        t = {"product": product, "version": version, **dict.fromkeys(keys, 0)}
+        with self.engine.connect() as conn:
+            groups = list(conn.execute(q).mappings())
+        for g in groups:
+            n = int(g["n"])
+            t[g["kind"]] += n
+            if g["kind"] != "scored":
+                continue
+            t["agree" if g["shadow_verdict"] == g["verdict"] else "disagree"] += n
+            label = evidence_label(g["verdict"], g["decision"])
+            if label is None:
+                continue
+            t["decided"] += n
+            cand, act = g["shadow_verdict"] != "OK", g["verdict"] != "OK"  # flagged?
+            t["candidate_right" if cand == (label == "defect") else "candidate_wrong"] += n
+            t["active_right" if act == (label == "defect") else "active_wrong"] += n
+            if label == "normal" and act and not cand:
+                t["false_alarms_avoided"] += n
+            elif label == "normal" and cand and not act:
+                t["false_alarms_added"] += n
+            elif label == "defect" and act and not cand:
+                t["defects_missed"] += n
+            elif label == "defect" and cand and not act:
+                t["defects_caught"] += n
+        return t
+
+    def disagreements(self, product: str, version: str, limit: int | None = 50) -> list[dict]:
+        """Parts where candidate ``version`` gave another verdict than the active one, newest first:
+        the inspection's ``id, source, created_at, verdict, score, heatmap_path, model_version``, the
+        candidate's ``shadow_version, shadow_verdict, shadow_score, shadow_heatmap_path``, and the
+        latest decision (``decision``, ``operator``, ``reason``; None when undecided)."""
+        latest = self._latest_decisions()
+        q = (select(inspections.c.id, inspections.c.source, inspections.c.created_at, inspections.c.verdict,
+                    inspections.c.score, inspections.c.heatmap_path, inspections.c.model_version,
+                    inspections.c.image_sha256, shadow_results.c.version.label("shadow_version"),
+                    shadow_results.c.verdict.label("shadow_verdict"), shadow_results.c.score.label("shadow_score"),
+                    shadow_results.c.heatmap_path.label("shadow_heatmap_path"), decisions.c.decision,
+                    decisions.c.operator, decisions.c.reason)
+             .select_from(shadow_results.join(inspections, inspections.c.id == shadow_results.c.inspection_id)
+                          .outerjoin(latest, latest.c.inspection_id == shadow_results.c.inspection_id)
+                          .outerjoin(decisions, decisions.c.id == latest.c.decision_id))
+             .where(shadow_results.c.product == product, shadow_results.c.version == version,
+                    shadow_results.c.error.is_(None), shadow_results.c.verdict != inspections.c.verdict)
+             .order_by(inspections.c.created_at.desc(), inspections.c.id.desc()))
+        if limit is not None:
+            q = q.limit(int(limit))
+        with self.engine.connect() as conn:
+            return [self._out(r) for r in conn.execute(q).mappings()]
+
     # -- audit trail ----------------------------------------------------------------------------
     def audit(self, *, actor: str, action: str, product: str | None, details: dict | None = None) -> int:
         row = {"created_at": utcnow(), "actor": str(actor or "unknown"), "action": str(action),
@@ -486,4 +685,5 @@ class Store:
             return out
 
 
-__all__ = ["DECISIONS", "MIGRATIONS", "REASON_CODES", "SCHEMA_VERSION", "DecisionConflict", "Store", "utcnow"]
+__all__ = ["DECISIONS", "MIGRATIONS", "REASON_CODES", "SCHEMA_VERSION", "DecisionConflict", "Store", "check_reason",
+           "utcnow"]

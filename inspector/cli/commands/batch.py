@@ -1,4 +1,4 @@
-"""`inspector batch FOLDER --product P [--engine ray]`: score a folder, resumable, with CSV + HTML report."""
+"""`inspector batch FOLDER --product P[@VERSION] [--engine ray]`: score a folder, resumable, with CSV + HTML report."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "stopped: no file is scored twice.")
     p.add_argument("folder", metavar="FOLDER|GLOB|MANIFEST",
                    help="a folder; with --engine ray also a glob or a CSV/Parquet manifest (column 'path')")
-    p.add_argument("--product", "-p", required=True)
+    p.add_argument("--product", "-p", required=True, metavar="NAME[@VERSION]",
+                   help="registered product; NAME@VERSION scores with that version (see `inspector versions`) "
+                        "instead of the active one")
     p.add_argument("--out", default=None, metavar="DIR", help="report folder (default: DATA/batches/<batch id>)")
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
     p.add_argument("--runtime", choices=("torch", "onnx"), default="torch")

@@ -1,4 +1,4 @@
-"""`inspector inspect IMAGE... --product P`: score images, record them, write heatmaps."""
+"""`inspector inspect IMAGE... --product P[@VERSION]`: score images, record them, write heatmaps."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Score each image, decide OK / UNCERTAIN / NG, save a heatmap and record "
                                    "the inspection. Exit code 1 if any image could not be read.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--product", "-p", required=True, help="registered product name")
+    p.add_argument("--product", "-p", required=True, metavar="NAME[@VERSION]",
+                   help="registered product; NAME@VERSION scores with that version (see `inspector versions`) "
+                        "instead of the active one")
     p.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
     p.add_argument("--no-heatmap", action="store_true", help="do not write heatmap PNGs")
     p.add_argument("--json", action="store_true", help="one JSON object per image (full-precision score)")

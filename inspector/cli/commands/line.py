@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     lc = line_config(cfg, args.product, args.source)
     if not lc.product:
         raise CommandError("no product: set [line] product in the config or pass --product")
-    station = StationService(cfg.data_dir)
+    station = StationService(cfg.data_dir, evidence_max_gb=cfg.evidence_max_gb)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

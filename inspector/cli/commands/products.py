@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         p = reg.get(args.name)
         audit = st.store.audit_log(p.name, limit=10)
         if args.json:
-            print(json.dumps({**p.to_json(), "audit": audit}, indent=2, default=str))
+            print(json.dumps({**p.to_json(), "audit": audit, "shadow": reg.shadow_version(p.name)}, indent=2,
+                             default=str))
             return 0
         cal = p.calibration
         print(f"{p.name}  version {p.version}  ({p.path})")
@@ -94,6 +95,29 @@ def run(args: argparse.Namespace) -> int:
         if ds:
             print(f"  generated defect scores ({len(ds)}): {fmt(min(ds))} .. {fmt(max(ds))}")
         print(f"  created {p.created}, updated {p.updated}; inspections recorded: {st.store.count(product=p.name)}")
+        sel = p.registration.get("selection")
+        if sel:
+            from inspector.cli.commands.refit import selection_text
+
+            ev = sel.get("evidence") or {}
+            print(f"  selection ({ev.get('normals', 0)} confirmed normal(s), {ev.get('defects', 0)} confirmed "
+                  f"defect(s); rule {sel.get('rule', '-')}): {selection_text(sel)}")
+            for c in sel.get("candidates") or []:
+                print(f"    candidate {c.get('name')}: AUROC {fmt(c.get('auroc'), 4)}, separation "
+                      f"{fmt(c.get('separation'), 4)}")
+        ev_n, ev_d = cal.get("evidence_normal_scores"), cal.get("evidence_defect_scores")
+        if ev_n is not None:
+            print(f"  evidence held-out scores: {len(ev_n)} confirmed normal(s), {len(ev_d or [])} confirmed "
+                  f"defect(s); thresholds from {cal.get('evidence_used', {}).get('defects', '-')}")
+        table = (p.origin or {}).get("table")
+        if table:
+            from inspector.cli.commands.refit import table_text
+
+            print(f"  made by refit from {p.parent}:")
+            print(table_text(table))
+        vers = reg.versions(p.name)
+        shadow = next((v["version"] for v in vers if v["shadow"]), None)
+        print(f"  versions: {len(vers)} (`inspector versions {p.name}`)" + (f"; shadow {shadow}" if shadow else ""))
         for a in audit:
             print(f"  audit {a['created_at']:%Y-%m-%d %H:%M:%S} {a['actor']}: {a['action']} {json.dumps(a['details'])}")
         return 0

@@ -179,18 +179,22 @@ class GraphCoreScorer(nn.Module):
         logits = self.head(nodes.reshape(-1, c), rel.reshape(-1), knn, neighbors_to_edge_index(grid))
         return logits.reshape(-1, h, w)
 
+    def reduce_map(self, patch: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Patch scores ``[B,h,w]`` -> pixel maps ``[B,H,W]`` (upsampled, smoothed) and their image
+        score ``[B]`` (``reduce``), before the global branch's term."""
+        maps = patch_to_pixel(patch, size, self.sigma)
+        flat = maps.flatten(1)
+        if self.reduce == "max":
+            return maps, flat.amax(1)
+        k = max(1, int(round(int(size[0]) * int(size[1]) * self.top_fraction)))
+        return maps, flat.topk(k, dim=1).values.mean(1)
+
     def score_features(self, feats: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         dist = self.patch_distance(feats)
         patch = dist / self.d_scale
         if self.head is not None and self.head_weight:
             patch = patch + self.head_weight * torch.sigmoid(self.head_logits(feats, dist))
-        maps = patch_to_pixel(patch, size, self.sigma)
-        flat = maps.flatten(1)
-        if self.reduce == "max":
-            scores = flat.amax(1)
-        else:
-            k = max(1, int(round(int(size[0]) * int(size[1]) * self.top_fraction)))
-            scores = flat.topk(k, dim=1).values.mean(1)
+        maps, scores = self.reduce_map(patch, size)
         if self.descriptors is not None and self.global_weight:
             g = nn_distance(image_descriptor(feats), self.descriptors)
             scores = scores + self.global_weight * g / self.g_scale

@@ -1,0 +1,1 @@
+"""Operator feedback as evidence: the records (evidence) and the kept images (images)."""
