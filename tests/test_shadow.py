@@ -197,3 +197,30 @@ def test_a_local_batch_feeds_the_shadow(make_station, template, brick, tmp_path)
         (s,) = shadow
         assert s["verdict"] == str(cand_thr.decide(s["score"])) and s["score"] == pytest.approx(r["score"], rel=1e-4)
     assert st.shadow_tally(PRODUCT)["scored"] == 5
+
+
+def test_cli_shadow_start_show_stop(make_station, template, brick, capsys):
+    """`inspector shadow` starts a candidate, shows the tally of the parts it scored (the same numbers
+    the service reports), and stops it; each change is an audit row."""
+    from inspector.cli.main import main
+
+    _, active, cand, _ = template
+    st = make_station("cli")
+    data = str(st.data_dir)
+    assert main(["shadow", PRODUCT, cand[:8], "--data-dir", data, "--actor", "eng"]) == 0
+    assert st.registry.shadow_version(PRODUCT) == cand
+    for img in _parts(brick)[:4]:
+        st.inspect(PRODUCT, img)
+    assert st.shadow.wait_idle(deadline(60))
+    capsys.readouterr()
+    assert main(["shadow", PRODUCT, "--json", "--data-dir", data]) == 0
+    import json
+
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["version"] == cand
+    assert shown["tally"]["scored"] == st.shadow_tally(PRODUCT)["scored"] == 4
+    assert main(["shadow", PRODUCT, "--stop", "--data-dir", data, "--actor", "eng"]) == 0
+    assert st.registry.shadow_version(PRODUCT) is None
+    actions = [r["action"] for r in st.store.audit_log(PRODUCT) if r["actor"] == "eng"]
+    assert len(actions) == 2, actions
+    assert main(["shadow", PRODUCT, cand, "--stop", "--data-dir", data]) != 0  # both: a usage error
