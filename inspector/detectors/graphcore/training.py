@@ -152,7 +152,7 @@ def train_head(data: HeadData, grid_hw: tuple[int, int], *, hidden: int, steps: 
     per_step = max(1, min(n, train_nodes // p))
     top = max(1, int(round(p * mil_top)))
     losses: list[float] = []
-    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0, disable=not show)
+    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0, disable=None if show else True)
     with one_thread(device):
         head.train()
         for step in bar:
