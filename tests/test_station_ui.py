@@ -167,9 +167,13 @@ def test_stop_waits_for_the_frame_in_flight_and_greys_the_verdict(app, tmp_path,
 
 
 def test_registration_keeps_each_users_product_choice(app):
+    # other tests of this module may have registered products of their own: compare with the list
+    names = app.product_names()
+    assert PRODUCT in names
     upd = app.on_products_changed(PRODUCT, None, PRODUCT, "gone", PRODUCT)
-    assert upd[0]["value"] == PRODUCT and upd[1]["value"] == PRODUCT  # kept / filled when empty
-    assert upd[2]["value"] == PRODUCT  # a removed choice falls back to an existing product
+    assert upd[0]["value"] == PRODUCT and upd[2]["value"] == PRODUCT  # each user's choice kept
+    assert upd[1]["value"] == names[0]  # an empty choice filled with the first product
+    assert upd[3]["value"] == names[0]  # a removed choice falls back to an existing product
 
 
 def test_slider_step_and_rule_shared_by_preview_and_save(app):
