@@ -505,7 +505,8 @@ def markdown(saved: dict) -> str:
         f"{n['test_normals']} normals + {n['test_defects']} defects of the other family. Config overrides: "
         + (json.dumps(meta["overrides"]) if meta["overrides"] else "none") + ".",
         "", COLUMNS_NOTE, "",
-        "### Image AUROC % (both directions averaged per seed; mean ± std over seeds)", "",
+        "### Image AUROC % (" + ("both directions averaged per seed" if meta.get("directions") != "first"
+                                 else "first family as evidence") + "; mean ± std over seeds)", "",
         "| k | variant | " + " | ".join(prods) + " | mean |",
         "|---|---|" + "---|" * (len(prods) + 1),
     ]
@@ -584,8 +585,9 @@ def readme_summary(saved: dict) -> str:
     by = {(r["variant"], r["k"]): r for r in table}
     rows = [v for v in README_ROWS if v in meta["variants"]]
     lines = [f"`{meta['command'].strip()}`: seeds {meta['seeds']}, {meta['size']} px, image AUROC % on test defects "
-             "of a family never used for training or selection (mean over brick, gravel, grass, textile and both "
-             "directions; the textures' defects are generated, textile is simulated; full table and every part's "
+             "of a family never used for training or selection (mean over brick, gravel, grass, textile and "
+             + ("both directions" if meta.get("directions") != "first" else "one direction: the first family as evidence")
+             + "; the textures' defects are generated, textile is simulated; full table and every part's "
              "effect in `bench/GRAPHCORE.md`):", "",
              "| k | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     for k in meta["shots"]:
