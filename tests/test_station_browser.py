@@ -383,11 +383,12 @@ def _scenario(server, pg, images, artifacts_dir):
 LEARN = "brick-learn-e2e"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def learn_product(server, brick):
     """A product with operator evidence on the server's data dir, made in-process (the Learning tab
     is under test here, not registration or inspection): GraphCore on the tiny test network, 4 good
-    parts accepted, 3 parts with a dark blob rejected."""
+    parts accepted, 3 parts with a dark blob rejected. Deleted afterwards: the server is shared by
+    the module, and the registration scenario expects to register into an empty station."""
     from conftest import random_crops
 
     from inspector.station.service import StationService
@@ -405,6 +406,8 @@ def learn_product(server, brick):
             st.decide(st.inspect(LEARN, img, source="bad").id, "reject", "olga", reason="stain")
         yield {"version": st.registry.get(LEARN).version, "station": st}
     finally:
+        with contextlib.suppress(Exception):
+            st.registry.delete(LEARN, actor="test")
         with contextlib.suppress(Exception):
             st.close()
 
