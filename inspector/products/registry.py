@@ -305,9 +305,13 @@ class ProductRegistry:
         return V.history_of(V.read_product_json(self._dir(name)))
 
     def shadow_version(self, name: str) -> str | None:
-        """The candidate version scored in shadow beside the active one, or None."""
-        self.get(name)
-        return V.read_product_json(self._dir(name)).get("shadow")
+        """The candidate version scored in shadow beside the active one, or None. Asked on every
+        inspection the station records, so it reads ``product.json`` once (an unknown product still
+        raises :class:`ProductNotFound` with the list of registered ones)."""
+        d = self._dir(name)
+        if not (d / "product.json").is_file():
+            self.get(name)
+        return V.read_product_json(d).get("shadow")
 
     def promote(self, name: str, version: str, actor: str | None = None) -> Product:
         """Make ``version`` the active version (no refit: its state is on disk). Promoting the
